@@ -1,0 +1,199 @@
+"""The fleet: the configured set of models, their cards, and the models themselves.
+
+Cards are cheap and always available; a model is built on first use, and a local model loads
+its weights on its first call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from shoal.cards import HostPrice, Measured, ModelCard, published_prices
+from shoal.errors import ConfigError, ModelNotInstalledError, UnknownModelError
+from shoal.models.base import Model
+from shoal.settings import (
+    FleetSettings,
+    GGUFModelSpec,
+    ModelSpec,
+    OpenAIModelSpec,
+    default_cache_dir,
+    load_fleet,
+    parse_fleet,
+)
+
+log = logging.getLogger(__name__)
+
+MEASUREMENTS_FILE = "measurements.json"
+
+
+@cache
+def default_specs() -> tuple[ModelSpec, ...]:
+    """The embedded default fleet (tiny, small, large), read once from package data."""
+    text = resources.files("shoal.data").joinpath("default_fleet.yaml").read_text("utf-8")
+    return parse_fleet(text, source="shoal/data/default_fleet.yaml").models
+
+
+class Fleet:
+    def __init__(self, settings: FleetSettings | None = None) -> None:
+        self.settings = settings or FleetSettings()
+        self.cache_dir = self.settings.cache_dir or default_cache_dir()
+        specs = list(default_specs()) if self.settings.include_default else []
+        own = {spec.id for spec in self.settings.models}
+        specs = [s for s in specs if s.id not in own] + list(self.settings.models)
+        if not specs:
+            raise ConfigError("the fleet has no models (include_default is false and none listed)")
+        self._specs: dict[str, ModelSpec] = {spec.id: spec for spec in specs}
+        measured = self._read_measurements()
+        self._cards = {spec.id: self._card(spec, measured.get(spec.id)) for spec in specs}
+        self._models: dict[str, Model] = {}
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> Fleet:
+        """The fleet in `path`, or the embedded default fleet when `path` is None."""
+        return cls(load_fleet(path) if path is not None else None)
+
+    # -- cards -------------------------------------------------------------------------------
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._specs)
+
+    def spec(self, model_id: str) -> ModelSpec:
+        try:
+            return self._specs[model_id]
+        except KeyError:
+            raise UnknownModelError(model_id, self._specs) from None
+
+    def card(self, model_id: str) -> ModelCard:
+        self.spec(model_id)
+        return self._cards[model_id]
+
+    def cards(self) -> list[ModelCard]:
+        return list(self._cards.values())
+
+    def installed(self, model_id: str) -> bool:
+        spec = self.spec(model_id)
+        if isinstance(spec, OpenAIModelSpec):
+            return True
+        if spec.packaged is not None:
+            return spec.packaged.installed()
+        return spec.path is not None and spec.path.expanduser().is_file()
+
+    def _card(self, spec: ModelSpec, measured: Measured | None) -> ModelCard:
+        if isinstance(spec, GGUFModelSpec):
+            return ModelCard(
+                id=spec.id,
+                tier=spec.tier,
+                params=spec.params,
+                context=spec.context,
+                runs="local",
+                where="in process (llama.cpp)",
+                price=HostPrice(per_hour=self.settings.host_price_per_hour),
+                capabilities=frozenset({"stream", "logprobs", "json_schema"}),
+                measured=measured,
+            )
+        table = published_prices().models.get(spec.upstream_model)
+        price = spec.price or (table.price if table else None)
+        context = spec.context or (table.context if table else None)
+        if price is None or context is None:
+            missing = " and ".join(
+                name for name, v in (("price", price), ("context", context)) if v is None
+            )
+            known = ", ".join(sorted(published_prices().models))
+            raise ConfigError(
+                f"model {spec.id!r}: give its {missing} in the fleet file "
+                f"(the bundled price table knows: {known})"
+            )
+        return ModelCard(
+            id=spec.id,
+            tier=spec.tier,
+            params=spec.params,
+            context=context,
+            runs="api",
+            where=spec.base_url,
+            price=price,
+            capabilities=frozenset({"stream", "logprobs", "json_schema"}),
+            measured=measured,
+        )
+
+    # -- measurements (written by `shoal models bench`) ----------------------------------------
+
+    def _read_measurements(self) -> dict[str, Measured]:
+        path = self.cache_dir / MEASUREMENTS_FILE
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return {k: Measured.model_validate(v) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable measurements in %s: %s", path, exc)
+            return {}
+
+    def record_measurement(self, model_id: str, measured: Measured) -> None:
+        self.spec(model_id)
+        path = self.cache_dir / MEASUREMENTS_FILE
+        current = self._read_measurements()
+        current[model_id] = measured
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({k: v.model_dump() for k, v in current.items()}, indent=2), "utf-8"
+        )
+        tmp.replace(path)
+        self._cards[model_id] = self._cards[model_id].model_copy(update={"measured": measured})
+
+    # -- models ------------------------------------------------------------------------------
+
+    def model(self, model_id: str) -> Model:
+        """The model with this id, built on first use (a local model loads on its first call)."""
+        spec = self.spec(model_id)
+        if model_id not in self._models:
+            self._models[model_id] = self._build(spec)
+        return self._models[model_id]
+
+    def gguf_path(self, model_id: str) -> Path:
+        """The verified GGUF file of a local model (joining packaged chunks when needed)."""
+        spec = self.spec(model_id)
+        if not isinstance(spec, GGUFModelSpec):
+            raise ConfigError(f"model {model_id!r} is not a local GGUF model")
+        if spec.packaged is not None:
+            return spec.packaged.resolve(self.cache_dir / "weights")
+        assert spec.path is not None
+        path = spec.path.expanduser()
+        if not path.is_file():
+            raise ModelNotInstalledError(f"model {model_id!r}: GGUF file {path} does not exist")
+        return path
+
+    def _build(self, spec: ModelSpec) -> Model:
+        card = self._cards[spec.id]
+        if isinstance(spec, OpenAIModelSpec):
+            from shoal.models.openai_compat import OpenAICompatModel
+
+            return OpenAICompatModel(
+                card,
+                base_url=spec.base_url,
+                upstream_model=spec.upstream_model,
+                api_key_env=spec.api_key_env,
+                timeout_s=spec.timeout_s,
+                max_concurrency=spec.max_concurrency,
+                max_queue=spec.max_queue,
+                schema_style=spec.json_schema_style,
+            )
+        from shoal.models.llamacpp import LlamaCppModel
+
+        return LlamaCppModel(
+            card,
+            path=self.gguf_path(spec.id),
+            threads=spec.threads,
+            batch=spec.batch,
+            max_queue=spec.max_queue,
+        )
+
+    async def aclose(self) -> None:
+        for model in self._models.values():
+            await model.aclose()
+        self._models.clear()

@@ -1,0 +1,111 @@
+"""shoal's own request and response types.
+
+Every model adapter turns a `ChatRequest` into a `ChatResponse`. Wire formats (OpenAI's field
+names, llama.cpp's dicts) are translated to and from these types once, at the edges.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "user", "assistant"]
+FinishReason = Literal["stop", "length"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Message(_Frozen):
+    role: Role
+    content: str
+
+
+class ChatRequest(_Frozen):
+    """One call to a model.
+
+    `json_schema` constrains the output to that JSON schema; `json_object` to any JSON object.
+    `logprobs` asks for the log-probability of every generated token (and `top_logprobs`
+    alternatives per position).
+    """
+
+    messages: tuple[Message, ...] = Field(min_length=1)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    json_object: bool = False
+    json_schema: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        return self
+
+    @classmethod
+    def of(cls, prompt: str, *, system: str | None = None, **fields: Any) -> ChatRequest:
+        """A request with one user message (and an optional system message)."""
+        messages = [Message(role="system", content=system)] if system else []
+        messages.append(Message(role="user", content=prompt))
+        return cls(messages=tuple(messages), **fields)
+
+    @property
+    def wants_json(self) -> bool:
+        return self.json_object or self.json_schema is not None
+
+
+class Usage(_Frozen):
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class TokenLogprob(_Frozen):
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+class ChatResponse(_Frozen):
+    """What a model answered, what it cost and how long it took.
+
+    `latency_s` is wall time from the call to the last token; `compute_s` is the time the model
+    itself worked (no queueing), which prices a local model; `ttft_s` is time to first token.
+    """
+
+    model: str
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    latency_s: float = Field(ge=0.0)
+    compute_s: float = Field(default=0.0, ge=0.0)
+    ttft_s: float | None = None
+    cost_usd: float = Field(default=0.0, ge=0.0)
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+class TextDelta(_Frozen):
+    """A piece of generated text, in order."""
+
+    kind: Literal["delta"] = "delta"
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+class Completed(_Frozen):
+    """The last event of a stream: the full response, costed exactly as a non-streamed call."""
+
+    kind: Literal["completed"] = "completed"
+    response: ChatResponse
+
+
+StreamEvent = TextDelta | Completed

@@ -1,0 +1,1 @@
+"""Model adapters: each turns a `ChatRequest` into a `ChatResponse`."""

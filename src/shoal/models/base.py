@@ -1,0 +1,40 @@
+"""The one contract every model keeps."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from shoal.cards import ModelCard
+from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta
+
+
+class Model(ABC):
+    """Anything that answers a `ChatRequest`.
+
+    `generate` is the one required method. `stream` yields `TextDelta`s in order and ends with
+    one `Completed` carrying the full response, costed exactly as `generate` would cost it;
+    adapters that can stream natively override it.
+    """
+
+    card: ModelCard
+
+    @property
+    def id(self) -> str:
+        return self.card.id
+
+    @abstractmethod
+    async def generate(self, request: ChatRequest) -> ChatResponse: ...
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        response = await self.generate(request)
+        if response.text:
+            yield TextDelta(text=response.text, logprobs=response.logprobs or ())
+        yield Completed(response=response)
+
+    async def aclose(self) -> None:
+        """Release connections or native memory held by the model."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.id!r})"

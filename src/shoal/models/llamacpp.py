@@ -1,0 +1,370 @@
+"""A GGUF model run in this process by llama.cpp (through llama-cpp-python), on the CPU.
+
+One llama.cpp instance per model file per process, shared by every `LlamaCppModel` that points at
+it. Each instance has one worker thread: llama.cpp calls are blocking and not thread-safe, so
+they run there, off the event loop, one at a time; at most `max_queue` calls wait behind it.
+
+Generation is a token loop over `Llama.generate` rather than `create_chat_completion`, which lets
+shoal read each token's log-probability from the last logits for free (no `logits_all`), stop a
+generation whose caller went away, and constrain output with a grammar built from the JSON schema
+(llama-cpp-python ignores OpenAI's `json_schema` response format).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shoal.cards import ModelCard
+from shoal.errors import (
+    ConfigError,
+    ContextWindowExceededError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    OverloadedError,
+)
+from shoal.messages import (
+    ChatRequest,
+    ChatResponse,
+    Completed,
+    FinishReason,
+    StreamEvent,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from shoal.models.base import Model
+from shoal.models.output import check_json
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[TextDelta], None]
+
+
+class _Cancelled(Exception):
+    """The caller stopped listening; generation stopped between two tokens."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    path: str
+    context: int
+    threads: int
+    batch: int
+
+
+@dataclass
+class _Instance:
+    """One loaded llama.cpp model and the single thread allowed to touch it."""
+
+    key: _Key
+    executor: ThreadPoolExecutor
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pending: int = 0
+    llama: Any = None
+    formatter: Any = None
+    load_s: float = 0.0
+    grammars: dict[str, Any] = field(default_factory=dict)
+
+    def __del__(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+# Loaded weights are a process resource (hundreds of MB each): one instance per file and
+# settings, alive while any model uses it.
+_instances: weakref.WeakValueDictionary[_Key, _Instance] = weakref.WeakValueDictionary()
+_instances_lock = threading.Lock()
+
+
+def _instance(key: _Key) -> _Instance:
+    with _instances_lock:
+        found = _instances.get(key)
+        if found is None:
+            found = _Instance(key, ThreadPoolExecutor(1, thread_name_prefix="llama"))
+            _instances[key] = found
+        return found
+
+
+class LlamaCppModel(Model):
+    def __init__(
+        self,
+        card: ModelCard,
+        *,
+        path: str | Path,
+        threads: int | None = None,
+        batch: int = 512,
+        max_queue: int = 64,
+    ) -> None:
+        self.card = card
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelNotInstalledError(f"model {card.id!r}: GGUF file {self.path} does not exist")
+        self.max_queue = max_queue
+        key = _Key(str(self.path.resolve()), card.context, threads or os.cpu_count() or 1, batch)
+        self._instance = _instance(key)
+
+    # -- loading (in the worker thread) --------------------------------------------------------
+
+    @property
+    def load_s(self) -> float:
+        return self._instance.load_s
+
+    async def load(self) -> None:
+        """Load the weights now rather than on the first call."""
+        await self._submit(lambda: self._loaded())
+
+    def _loaded(self) -> Any:
+        inst = self._instance
+        if inst.llama is None:
+            from llama_cpp import Llama
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            started = time.perf_counter()
+            try:
+                llama = Llama(
+                    model_path=inst.key.path,
+                    n_ctx=inst.key.context,
+                    n_threads=inst.key.threads,
+                    n_threads_batch=inst.key.threads,
+                    n_batch=inst.key.batch,
+                    n_gpu_layers=0,
+                    logits_all=False,
+                    verbose=False,
+                )
+            except ValueError as exc:  # llama-cpp-python's way of saying "could not load"
+                raise ModelNotInstalledError(
+                    f"model {self.id!r}: llama.cpp cannot load {inst.key.path}: {exc}"
+                ) from exc
+            template = llama.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise ConfigError(
+                    f"model {self.id!r} has no chat template in its GGUF metadata "
+                    "(a base model, not a chat model)"
+                )
+            eos, bos = llama.token_eos(), llama.token_bos()
+            inst.formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=llama._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llama._model.token_get_text(bos) if bos != -1 else "",
+                stop_token_ids=[eos],
+            )
+            inst.llama = llama
+            inst.load_s = time.perf_counter() - started
+            log.info("loaded %s in %.2f s", inst.key.path, inst.load_s)
+        return inst.llama
+
+    def _grammar(self, request: ChatRequest) -> Any:
+        if not request.wants_json:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        key = json.dumps(request.json_schema, sort_keys=True) if request.json_schema else ""
+        grammars = self._instance.grammars
+        if key not in grammars:
+            try:
+                grammars[key] = (
+                    LlamaGrammar.from_json_schema(key, verbose=False)
+                    if key
+                    else LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+                )
+            except Exception as exc:  # the converter raises bare exceptions on bad schemas
+                raise InvalidRequestError(f"unsupported JSON schema: {exc}") from exc
+        return grammars[key]
+
+    # -- running on the worker thread ----------------------------------------------------------
+
+    async def _submit(self, work: Callable[[], Any]) -> Any:
+        inst = self._instance
+        with inst.lock:
+            if inst.pending >= self.max_queue + 1:
+                raise OverloadedError(
+                    f"{self.id}: {inst.pending} calls already queued for this model",
+                    retry_after_s=1,
+                )
+            inst.pending += 1
+
+        def run() -> Any:
+            try:
+                return work()
+            finally:
+                with inst.lock:
+                    inst.pending -= 1
+
+        return await asyncio.get_running_loop().run_in_executor(inst.executor, run)
+
+    def _generate_blocking(
+        self, request: ChatRequest, emit: Emit | None, cancelled: threading.Event
+    ) -> ChatResponse:
+        import llama_cpp
+
+        llama = self._loaded()
+        started = time.perf_counter()
+        formatted = self._instance.formatter(
+            messages=[{"role": m.role, "content": m.content} for m in request.messages]
+        )
+        prompt = llama.tokenize(
+            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
+        )
+        if len(prompt) + request.max_tokens > self.card.context:
+            raise ContextWindowExceededError(
+                self.id, len(prompt), request.max_tokens, self.card.context
+            )
+        grammar = self._grammar(request)
+        if request.seed is not None:
+            llama.set_seed(request.seed)
+        vocab = llama._model.vocab
+        ctx = llama._ctx.ctx
+        n_vocab = llama.n_vocab()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        holdback = max((len(s) - 1 for s in request.stop), default=0)
+        text, sent, n_out, cut = "", 0, 0, None
+        ttft: float | None = None
+        finish: FinishReason = "length"
+        logprobs: list[TokenLogprob] = []
+        pending_lp: list[TokenLogprob] = []
+        tokens = llama.generate(
+            prompt,
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=40,
+            min_p=0.05 if request.temperature > 0 else 0.0,
+            repeat_penalty=1.0,
+            grammar=grammar,
+        )
+        for token in tokens:
+            if cancelled.is_set():
+                raise _Cancelled
+            if ttft is None:
+                ttft = time.perf_counter() - started
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            n_out += 1
+            piece = llama.detokenize([token])
+            if request.logprobs:
+                logits = np.ctypeslib.as_array(
+                    llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)
+                )
+                lp = _token_logprob(llama, logits, token, piece, request.top_logprobs)
+                logprobs.append(lp)
+                pending_lp.append(lp)
+            text += decoder.decode(piece)
+            if request.stop:
+                cut = _find_stop(text, request.stop, max(0, sent - holdback))
+                if cut is not None:
+                    text = text[:cut]
+                    finish = "stop"
+                    break
+            if emit is not None:
+                safe = len(text) - holdback if request.stop else len(text)
+                if safe > sent:
+                    emit(TextDelta(text=text[sent:safe], logprobs=tuple(pending_lp)))
+                    sent, pending_lp = safe, []
+            if n_out >= request.max_tokens:
+                break
+        tokens.close()
+        if cut is None:
+            text += decoder.decode(b"", final=True)
+        if emit is not None and (len(text) > sent or pending_lp):
+            emit(TextDelta(text=text[sent:], logprobs=tuple(pending_lp)))
+        compute = time.perf_counter() - started
+        usage = Usage(input_tokens=len(prompt), output_tokens=n_out)
+        return ChatResponse(
+            model=self.id,
+            text=text,
+            finish_reason=finish,
+            usage=usage,
+            latency_s=compute,
+            compute_s=compute,
+            ttft_s=ttft if ttft is not None else compute,
+            cost_usd=self.card.cost(usage, compute),
+            logprobs=tuple(logprobs) if request.logprobs else None,
+        )
+
+    # -- the async face ------------------------------------------------------------------------
+
+    async def generate(self, request: ChatRequest) -> ChatResponse:
+        called = time.perf_counter()
+        cancelled = threading.Event()
+        try:
+            response = await self._submit(lambda: self._generate_blocking(request, None, cancelled))
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return self._finish(request, response, called)
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        called = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TextDelta | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(delta: TextDelta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        def work() -> ChatResponse:
+            try:
+                return self._generate_blocking(request, emit, cancelled)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        job = asyncio.ensure_future(self._submit(work))
+        try:
+            while (delta := await queue.get()) is not None:
+                yield delta
+            response = await job
+        finally:
+            # The consumer left early (disconnect, break, cancel): stop between two tokens.
+            cancelled.set()
+            if not job.done():
+                job.add_done_callback(_swallow)
+        yield Completed(response=self._finish(request, response, called))
+
+    def _finish(self, request: ChatRequest, response: ChatResponse, called: float) -> ChatResponse:
+        if request.wants_json:
+            check_json(self.id, request, response.text, response.finish_reason)
+        return response.model_copy(update={"latency_s": time.perf_counter() - called})
+
+
+def _swallow(job: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a generation nobody waits for any more."""
+    if not job.cancelled() and job.exception() is not None:
+        log.debug("abandoned generation ended: %r", job.exception())
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    found = [i for s in stops if (i := text.find(s, start)) != -1]
+    return min(found) if found else None
+
+
+def _token_logprob(
+    llama: Any, logits: np.ndarray[Any, Any], token: int, piece: bytes, top: int
+) -> TokenLogprob:
+    peak = float(logits.max())
+    log_z = peak + float(np.log(np.exp(logits - peak).sum()))
+    alternatives: tuple[tuple[str, float], ...] = ()
+    if top:
+        best = np.argpartition(logits, -top)[-top:]
+        best = best[np.argsort(logits[best])[::-1]]
+        alternatives = tuple(
+            (llama.detokenize([int(t)]).decode("utf-8", errors="replace"), float(logits[t]) - log_z)
+            for t in best
+        )
+    return TokenLogprob(
+        token=piece.decode("utf-8", errors="replace"),
+        logprob=float(logits[token]) - log_z,
+        top=alternatives,
+    )
