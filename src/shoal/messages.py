@@ -80,6 +80,8 @@ class ChatResponse(_Frozen):
 
     `latency_s` is wall time from the call to the last token; `compute_s` is the time the model
     itself worked (no queueing), which prices a local model; `ttft_s` is time to first token.
+    `usage_estimated` is true when the backend did not report token counts (some servers omit
+    them from streams) and shoal had to count them itself.
     """
 
     model: str
@@ -91,6 +93,7 @@ class ChatResponse(_Frozen):
     ttft_s: float | None = None
     cost_usd: float = Field(default=0.0, ge=0.0)
     logprobs: tuple[TokenLogprob, ...] | None = None
+    usage_estimated: bool = False
 
 
 class TextDelta(_Frozen):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +37,8 @@ from shoal.messages import (
 )
 from shoal.models.base import Model
 from shoal.models.output import check_json
+
+log = logging.getLogger(__name__)
 
 JsonSchemaStyle = Literal["openai", "llama_cpp"]
 
@@ -267,11 +270,13 @@ class OpenAICompatModel(Model):
             slots.release()
         latency = time.perf_counter() - started
         text = "".join(parts)
+        estimated = usage is None
         if usage is None:
-            raise BackendError(
-                f"{self.id}: the stream ended without token usage, so the call cannot be costed; "
-                "the upstream must support stream_options.include_usage"
-            )
+            # The upstream ignored stream_options.include_usage: count one token per content
+            # chunk (how OpenAI-compatible servers stream) and ~4 characters per prompt token.
+            log.warning("%s: stream carried no usage; token counts are estimated", self.id)
+            prompt_chars = sum(len(m.content) for m in request.messages)
+            usage = Usage(input_tokens=-(-prompt_chars // 4), output_tokens=chunks)
         if request.wants_json:
             check_json(self.id, request, text, finish)
         yield Completed(
@@ -285,6 +290,7 @@ class OpenAICompatModel(Model):
                 ttft_s=ttft,
                 cost_usd=self.card.cost(usage, latency),
                 logprobs=tuple(logprobs) if request.logprobs else None,
+                usage_estimated=estimated,
             )
         )
 
