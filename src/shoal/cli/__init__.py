@@ -1,0 +1,1 @@
+"""The command line: `shoal models list`, `shoal ask`, `shoal demo`, ..."""

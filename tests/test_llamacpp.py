@@ -1,0 +1,209 @@
+"""The 135M model, for real, in process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from shoal import (
+    ChatRequest,
+    Completed,
+    ContextWindowExceededError,
+    Model,
+    ModelCard,
+    ModelNotInstalledError,
+    OutputTruncatedError,
+    OverloadedError,
+    TextDelta,
+)
+from shoal.models.llamacpp import LlamaCppModel
+
+LISTING_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "bedrooms": {"type": "integer"},
+        "parking": {"type": "boolean"},
+    },
+    "required": ["city", "bedrooms", "parking"],
+    "additionalProperties": False,
+}
+
+
+async def test_answers_a_real_prompt(tiny: Model) -> None:
+    response = await tiny.generate(ChatRequest.of("What is the capital of France?", max_tokens=24))
+    assert response.model == "smollm2-135m"
+    assert response.text.strip()
+    assert response.usage.input_tokens > 5
+    assert 0 < response.usage.output_tokens <= 24
+    assert response.finish_reason in ("stop", "length")
+    assert 0 < response.ttft_s <= response.compute_s <= response.latency_s  # type: ignore[operator]
+    assert response.cost_usd == pytest.approx(tiny.card.cost(response.usage, response.compute_s))
+    assert response.cost_usd > 0
+
+
+async def test_greedy_output_is_deterministic(tiny: Model) -> None:
+    request = ChatRequest.of("Name a fruit.", max_tokens=12)
+    first, second = await tiny.generate(request), await tiny.generate(request)
+    assert first.text == second.text
+    assert first.usage == second.usage
+
+
+async def test_stream_yields_tokens_in_order_and_the_same_answer(tiny: Model) -> None:
+    request = ChatRequest.of("Count from one to ten in words.", max_tokens=40)
+    expected = await tiny.generate(request)
+    deltas: list[str] = []
+    arrival: list[float] = []
+    completed = None
+    async for event in tiny.stream(request):
+        if isinstance(event, TextDelta):
+            deltas.append(event.text)
+            arrival.append(time.perf_counter())
+        else:
+            assert isinstance(event, Completed)
+            completed = event.response
+    assert completed is not None
+    assert len(deltas) > 3, "a stream of one chunk is not streaming"
+    assert arrival == sorted(arrival)
+    assert "".join(deltas) == completed.text == expected.text
+    assert completed.usage == expected.usage
+    # Streamed and non-streamed calls are costed by the same rule.
+    assert completed.cost_usd == pytest.approx(tiny.card.cost(completed.usage, completed.compute_s))
+
+
+async def test_json_schema_output_parses_and_validates(tiny: Model) -> None:
+    request = ChatRequest.of(
+        "Describe a 2-bedroom apartment in Albany with parking as JSON.",
+        max_tokens=120,
+        json_schema=LISTING_SCHEMA,
+    )
+    response = await tiny.generate(request)
+    value = json.loads(response.text)
+    jsonschema.validate(value, LISTING_SCHEMA)
+
+
+async def test_json_object_mode_gives_an_object(tiny: Model) -> None:
+    request = ChatRequest.of(
+        "Give a colour and its hex code as JSON.", max_tokens=60, json_object=True
+    )
+    assert isinstance(json.loads((await tiny.generate(request)).text), dict)
+
+
+async def test_json_cut_short_by_max_tokens_is_an_error_not_an_answer(tiny: Model) -> None:
+    request = ChatRequest.of("Describe an apartment.", max_tokens=4, json_schema=LISTING_SCHEMA)
+    with pytest.raises(OutputTruncatedError) as caught:
+        await tiny.generate(request)
+    assert caught.value.text  # the partial output is kept for the caller to inspect
+    with pytest.raises(OutputTruncatedError):
+        async for _ in tiny.stream(request):
+            pass
+
+
+async def test_logprobs_cover_every_generated_token(tiny: Model) -> None:
+    request = ChatRequest.of(
+        "Is 'dirty and noisy' positive or negative?", max_tokens=8, logprobs=True, top_logprobs=3
+    )
+    response = await tiny.generate(request)
+    assert response.logprobs is not None
+    assert len(response.logprobs) == response.usage.output_tokens
+    assert "".join(lp.token for lp in response.logprobs) == response.text
+    for lp in response.logprobs:
+        assert lp.logprob <= 0.0
+        assert len(lp.top) == 3
+        scores = [score for _, score in lp.top]
+        assert scores == sorted(scores, reverse=True)
+        # Greedy decoding picks the most likely token.
+        assert lp.logprob == pytest.approx(scores[0])
+    plain = await tiny.generate(request.model_copy(update={"logprobs": False, "top_logprobs": 0}))
+    assert plain.text == response.text
+    assert plain.logprobs is None
+
+
+async def test_stop_sequences_end_the_answer(tiny: Model) -> None:
+    request = ChatRequest.of("List the numbers 1 to 9, one per line.", max_tokens=60)
+    full = await tiny.generate(request)
+    assert "4" in full.text
+    stopped = await tiny.generate(request.model_copy(update={"stop": ("4",)}))
+    assert stopped.finish_reason == "stop"
+    assert "4" not in stopped.text
+    assert full.text.startswith(stopped.text)
+    streamed = [e async for e in tiny.stream(request.model_copy(update={"stop": ("4",)}))]
+    assert "".join(e.text for e in streamed if isinstance(e, TextDelta)) == stopped.text
+
+
+async def test_prompt_over_the_context_window_is_rejected(tiny: Model) -> None:
+    long_prompt = "apartment " * (tiny.card.context + 100)
+    with pytest.raises(ContextWindowExceededError) as caught:
+        await tiny.generate(ChatRequest.of(long_prompt, max_tokens=16))
+    assert caught.value.prompt_tokens > tiny.card.context
+    assert caught.value.context == tiny.card.context
+    # max_tokens counts too: a prompt that fits but leaves no room to answer is rejected.
+    with pytest.raises(ContextWindowExceededError):
+        await tiny.generate(ChatRequest.of("hello", max_tokens=tiny.card.context))
+    # And the model still answers afterwards.
+    assert (await tiny.generate(ChatRequest.of("hello", max_tokens=4))).text
+
+
+def test_missing_gguf_file(tiny_card: ModelCard, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotInstalledError, match="does not exist"):
+        LlamaCppModel(tiny_card, path=tmp_path / "absent.gguf")
+
+
+async def test_a_file_that_is_not_gguf_is_a_clear_error(
+    tiny_card: ModelCard, tmp_path: Path
+) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file" * 100)
+    model = LlamaCppModel(tiny_card, path=bogus)
+    with pytest.raises(ModelNotInstalledError, match="cannot load"):
+        await model.generate(ChatRequest.of("hi"))
+
+
+async def test_models_on_one_file_share_one_loaded_instance(
+    tiny: LlamaCppModel, tiny_card: ModelCard, tiny_path: Path
+) -> None:
+    other = LlamaCppModel(tiny_card, path=tiny_path)
+    assert other._instance is tiny._instance
+
+
+async def test_concurrent_calls_are_served_one_at_a_time_and_all_answered(tiny: Model) -> None:
+    requests = [ChatRequest.of(f"Say the number {i}.", max_tokens=6) for i in range(6)]
+    responses = await asyncio.gather(*(tiny.generate(r) for r in requests))
+    assert all(r.text for r in responses)
+    # Queueing shows in latency, never in the compute time a call is charged for.
+    assert max(r.latency_s for r in responses) > max(r.compute_s for r in responses)
+
+
+async def test_a_full_queue_answers_overloaded(tiny_card: ModelCard, tiny_path: Path) -> None:
+    model = LlamaCppModel(tiny_card, path=tiny_path, max_queue=1)
+    request = ChatRequest.of("Write a long poem about the sea.", max_tokens=30)
+    results = await asyncio.gather(
+        *(model.generate(request) for _ in range(4)), return_exceptions=True
+    )
+    overloaded = [r for r in results if isinstance(r, OverloadedError)]
+    assert overloaded, results
+    assert all(e.retryable for e in overloaded)
+    assert sum(1 for r in results if not isinstance(r, Exception)) >= 2
+
+
+async def test_a_stream_left_early_stops_generating(tiny: Model) -> None:
+    probe = await tiny.generate(ChatRequest.of("Write a story about a harbour.", max_tokens=20))
+    per_token = probe.compute_s / probe.usage.output_tokens
+    request = ChatRequest.of("Write a very long story about a harbour.", max_tokens=400)
+    async for event in tiny.stream(request):
+        assert isinstance(event, TextDelta)
+        break
+    # The next call waits for a token or two of abandoned work, not for 400 tokens nobody reads.
+    quick = await tiny.generate(ChatRequest.of("Say hi.", max_tokens=3))
+    waited = quick.latency_s - quick.compute_s
+    assert waited < 100 * per_token, (waited, per_token)
+
+
+async def test_sampling_with_a_seed_is_reproducible(tiny: Model) -> None:
+    request = ChatRequest.of("Invent a name for a cat.", max_tokens=10, temperature=1.0, seed=7)
+    assert (await tiny.generate(request)).text == (await tiny.generate(request)).text
