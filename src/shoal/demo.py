@@ -17,6 +17,7 @@ from rich.table import Table
 from shoal.fleet import Fleet
 from shoal.messages import ChatRequest
 
+_FLAGS = re.IGNORECASE | re.DOTALL
 SYSTEM = "Answer briefly and directly."
 
 # (question, a pattern a correct answer contains)
@@ -24,7 +25,7 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
     ("What is the capital of Australia?", r"canberra"),
     (
         "Is this review positive or negative? 'The room was dirty and the street was noisy.'",
-        r"negative",
+        r"^(?!.*positive).*negative",
     ),
     ("A listing costs $120 per night. How much do 3 nights cost? Give the number.", r"\b360\b"),
     ("Which is larger, 0.9 or 0.11?", r"0\.9\b(?!\d)"),
@@ -37,12 +38,17 @@ async def run_demo(
 ) -> dict[str, Any]:
     ids = [card.id for card in fleet.cards() if card.runs == "local" and fleet.installed(card.id)]
     rows: list[dict[str, Any]] = []
+    loads: dict[str, float] = {}
     started = time.perf_counter()
     try:
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("answering", total=len(ids) * len(QUESTIONS))
             for model_id in ids:
                 model = fleet.model(model_id)
+                progress.update(task, description=f"{model_id}: loading")
+                loading = time.perf_counter()
+                await model.load()
+                loads[model_id] = round(time.perf_counter() - loading, 2)
                 for question, pattern in QUESTIONS:
                     progress.update(task, description=f"{model_id}")
                     request = ChatRequest.of(question, system=SYSTEM, max_tokens=max_tokens)
@@ -53,7 +59,7 @@ async def run_demo(
                             "model": model_id,
                             "tier": fleet.card(model_id).tier,
                             "answer": response.text.strip(),
-                            "correct": bool(re.search(pattern, response.text, re.IGNORECASE)),
+                            "correct": bool(re.search(pattern, response.text, _FLAGS)),
                             "input_tokens": response.usage.input_tokens,
                             "output_tokens": response.usage.output_tokens,
                             "latency_s": round(response.latency_s, 3),
@@ -72,6 +78,7 @@ async def run_demo(
                 "tier": fleet.card(model_id).tier,
                 "correct": sum(r["correct"] for r in mine),
                 "questions": len(mine),
+                "load_s": loads[model_id],
                 "latency_s": round(sum(r["latency_s"] for r in mine), 2),
                 "cost_usd": sum(r["cost_usd"] for r in mine),
             }
@@ -95,12 +102,15 @@ def render(report: dict[str, Any], console: Console) -> None:
             f"${r['cost_usd']:.7f}",
         )
     console.print(answers)
-    totals = Table("model", "tier", "correct", "total latency", "total cost", "cost vs largest")
+    totals = Table(
+        "model", "tier", "load", "correct", "total latency", "total cost", "cost vs largest"
+    )
     largest = max((t["cost_usd"] for t in report["totals"]), default=0.0) or 1.0
     for t in report["totals"]:
         totals.add_row(
             t["model"],
             t["tier"] or "-",
+            f"{t['load_s']:.2f} s",
             f"{t['correct']}/{t['questions']}",
             f"{t['latency_s']:.2f} s",
             f"${t['cost_usd']:.6f}",

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from shoal.cards import Measured
 from shoal.fleet import Fleet
 from shoal.messages import ChatRequest
-from shoal.models.llamacpp import LlamaCppModel
 
 STEPS = ("load", "prompt", "generate")
 
@@ -36,8 +35,7 @@ def _peak_rss_mb() -> float:
 async def measure(fleet: Fleet, model_id: str, *, rounds: int = 3) -> Measured:
     model = fleet.model(model_id)
     started = time.perf_counter()
-    if isinstance(model, LlamaCppModel):
-        await model.load()
+    await model.load()
     load_s = time.perf_counter() - started
     _report({"step": "load", "seconds": load_s})
 

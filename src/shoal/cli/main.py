@@ -101,7 +101,7 @@ def models_list(
     rows = [(card, fleet.installed(card.id)) for card in fleet.cards()]
     if as_json:
         data = [card.model_dump(mode="json") | {"installed": ok} for card, ok in rows]
-        out.print_json(json.dumps(data))
+        typer.echo(json.dumps(data, indent=2))
         return
     table = Table("tier", "params", "context", "price", "runs", "installed", "gen tok/s")
     table.columns.insert(0, Column("id", no_wrap=True))
@@ -272,7 +272,7 @@ def demo(
     fleet = _fleet(fleet_file)
     report = _run(run_demo(fleet, max_tokens=max_tokens, console=err))
     if as_json:
-        out.print_json(json.dumps(report))
+        typer.echo(json.dumps(report, indent=2))
         return
     from shoal.demo import render
 
@@ -290,7 +290,7 @@ def config_show(fleet_file: FleetOption = None) -> None:
         "cache_dir": str(fleet.cache_dir),
         "models": [fleet.spec(i).model_dump(mode="json", exclude_none=True) for i in fleet.ids],
     }
-    out.print(yaml.safe_dump(data, sort_keys=False), end="", markup=False, highlight=False)
+    typer.echo(yaml.safe_dump(data, sort_keys=False, width=1000), nl=False)
 
 
 if __name__ == "__main__":

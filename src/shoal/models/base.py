@@ -32,6 +32,10 @@ class Model(ABC):
             yield TextDelta(text=response.text, logprobs=response.logprobs or ())
         yield Completed(response=response)
 
+    async def load(self) -> None:
+        """Get ready to answer (load weights, open connections) before the first call."""
+        return None
+
     async def aclose(self) -> None:
         """Release connections or native memory held by the model."""
         return None

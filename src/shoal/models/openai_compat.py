@@ -184,7 +184,7 @@ class OpenAICompatModel(Model):
                 f"{self.id}: cannot reach {self.base_url}: {exc}"
             ) from exc
         if response.status >= 400:
-            text = await response.text()
+            text = await response.text(errors="replace")
             response.release()
             raise UpstreamHTTPError(response.status, _error_message(text))
         return response
@@ -205,7 +205,7 @@ class OpenAICompatModel(Model):
                     data = await response.json(content_type=None)
         except TimeoutError as exc:
             raise BackendTimeoutError(f"{self.id}: no answer within {self.timeout_s} s") from exc
-        except (aiohttp.ClientError, json.JSONDecodeError) as exc:
+        except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BackendError(f"{self.id}: broken response from {self.base_url}: {exc}") from exc
         finally:
             slots.release()
@@ -308,7 +308,7 @@ async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[st
             break
         try:
             data = json.loads(payload)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise BackendError(f"malformed event in stream: {payload[:200]!r}") from exc
         if isinstance(data, dict) and "error" in data:
             raise BackendError(f"upstream error in stream: {_error_message(json.dumps(data))}")

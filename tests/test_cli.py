@@ -1,0 +1,122 @@
+"""The command line, run in process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from shoal.cli.main import app
+from shoal.settings import parse_fleet
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_fleet(tmp_path: Path, tiny_path: Path) -> Path:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(
+        f"include_default: false\ncache_dir: {tmp_path}/cache\n"
+        f'models:\n  - {{id: tiny, kind: gguf, tier: tiny, path: "{tiny_path}", context: 2048}}\n',
+        "utf-8",
+    )
+    return path
+
+
+def test_models_list_shows_the_default_tiers() -> None:
+    result = runner.invoke(app, ["models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [(r["id"], r["tier"], r["installed"]) for r in rows] == [
+        ("smollm2-135m", "tiny", True),
+        ("qwen2.5-coder-0.5b", "small", True),
+        ("qwen2.5-coder-1.5b", "large", True),
+    ]
+    table = runner.invoke(app, ["models", "list"], env={"COLUMNS": "160"})
+    assert "smollm2-135m" in table.stdout
+    assert "$0.09/h host" in table.stdout
+
+
+def test_ask_streams_the_answer_then_its_figures() -> None:
+    result = runner.invoke(app, ["ask", "What colour is the sky?", "--max-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert "model smollm2-135m" in result.stderr
+    assert " in / " in result.stderr
+    assert "$0.0" in result.stderr
+
+
+def test_ask_with_a_json_schema(tmp_path: Path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string"}},
+        "required": ["answer"],
+    }
+    (tmp_path / "schema.json").write_text(json.dumps(schema), "utf-8")
+    result = runner.invoke(
+        app, ["ask", "Capital of Italy?", "--json-schema", str(tmp_path / "schema.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "answer" in json.loads(result.stdout)
+
+
+def test_unknown_model_is_a_clean_error() -> None:
+    result = runner.invoke(app, ["ask", "hi", "--model", "gpt-9"])
+    assert result.exit_code == 2
+    assert "UnknownModelError" in result.stderr
+    assert "smollm2-135m" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_invalid_fleet_file_is_a_clean_error(tmp_path: Path) -> None:
+    bad = tmp_path / "fleet.yaml"
+    bad.write_text("models:\n  - id: x\n    kind: gguf\n    path: a.gguf\n    colour: red\n")
+    result = runner.invoke(app, ["models", "list", "--fleet", str(bad)])
+    assert result.exit_code == 2
+    assert "colour" in result.stderr
+
+
+def test_prompt_over_the_context_window_is_a_clean_error(tiny_fleet: Path) -> None:
+    result = runner.invoke(
+        app, ["ask", "word " * 3000, "--model", "tiny", "--fleet", str(tiny_fleet)]
+    )
+    assert result.exit_code == 2
+    assert "ContextWindowExceededError" in result.stderr
+
+
+def test_config_show_prints_what_will_run_and_round_trips(tiny_fleet: Path) -> None:
+    result = runner.invoke(app, ["config", "show", "--fleet", str(tiny_fleet)])
+    assert result.exit_code == 0, result.output
+    shown = parse_fleet(result.stdout, source="shown")
+    assert [m.id for m in shown.models] == ["tiny"]
+    assert yaml.safe_load(result.stdout)["cache_dir"].endswith("cache")
+
+
+def test_demo_answers_every_question_with_every_tier(tiny_fleet: Path) -> None:
+    result = runner.invoke(app, ["demo", "--fleet", str(tiny_fleet), "--max-tokens", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert len(report["rows"]) == 5
+    assert all(row["model"] == "tiny" and row["latency_s"] > 0 for row in report["rows"])
+    (total,) = report["totals"]
+    assert total["questions"] == 5
+    assert total["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in report["rows"]))
+
+
+def test_models_bench_measures_and_records(tiny_fleet: Path, tmp_path: Path) -> None:
+    result = runner.invoke(
+        app, ["models", "bench", "tiny", "--fleet", str(tiny_fleet), "--rounds", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "cache" / "measurements.json").read_text())
+    figures = recorded["tiny"]
+    assert figures["gen_tok_s"] > 0
+    assert figures["prompt_tok_s"] > 0
+    assert figures["peak_rss_mb"] > 100
+    listed = json.loads(
+        runner.invoke(app, ["models", "list", "--json", "--fleet", str(tiny_fleet)]).stdout
+    )
+    assert listed[0]["measured"]["gen_tok_s"] == figures["gen_tok_s"]
