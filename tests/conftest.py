@@ -68,8 +68,12 @@ def llama_server(
         str(port),
         "--n_ctx",
         "2048",
+        # One thread: on a small shared CI box two spinning llama.cpp threads slow down 5-40x
+        # whenever another process takes a core.
         "--n_threads",
-        "2",
+        "1",
+        "--n_threads_batch",
+        "1",
     ]
     base_url = f"http://127.0.0.1:{port}/v1"
     with log_path.open("wb") as log:

@@ -7,6 +7,7 @@ OpenAI's field names live here and nowhere below the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -147,6 +148,8 @@ class OpenAICompatModel(Model):
     def _bind(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore]:
         loop = asyncio.get_running_loop()
         if self._session is None or self._slots is None or self._loop is not loop:
+            if self._session is not None:
+                _abandon(self._session)
             self._loop = loop
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self.timeout_s)),
@@ -170,9 +173,13 @@ class OpenAICompatModel(Model):
             await slots.acquire()
 
     async def aclose(self) -> None:
-        if self._session is not None and not self._session.closed:
-            await self._session.close()
-        self._session = None
+        session, self._session = self._session, None
+        if session is None or session.closed:
+            return
+        if self._loop is asyncio.get_running_loop():
+            await session.close()
+        else:
+            _abandon(session)
 
     async def _post(self, session: aiohttp.ClientSession, body: dict[str, Any]) -> Any:
         try:
@@ -245,23 +252,30 @@ class OpenAICompatModel(Model):
         usage: Usage | None = None
         chunks = 0
         try:
+            # The timeout bounds the wait for the upstream (headers, then each event), never
+            # the time the consumer spends between events.
             async with asyncio.timeout(self.timeout_s):
                 response = await self._post(session, body)
-                async with response:
-                    async for data in _sse_events(response):
-                        if (found := _usage(data.get("usage"))) is not None:
-                            usage = found
-                        for choice in data.get("choices") or ():
-                            delta = (choice.get("delta") or {}).get("content") or ""
-                            pieces = parse_logprobs(choice.get("logprobs"))
-                            if choice.get("finish_reason"):
-                                finish = _finish(choice["finish_reason"])
-                            if delta or pieces:
-                                chunks += 1
-                                ttft = ttft if ttft is not None else time.perf_counter() - started
-                                parts.append(delta)
-                                logprobs.extend(pieces)
-                                yield TextDelta(text=delta, logprobs=pieces)
+            async with response:
+                events = _sse_events(response)
+                while True:
+                    async with asyncio.timeout(self.timeout_s):
+                        data = await anext(events, None)
+                    if data is None:
+                        break
+                    if (found := _usage(data.get("usage"))) is not None:
+                        usage = found
+                    for choice in data.get("choices") or ():
+                        delta = (choice.get("delta") or {}).get("content") or ""
+                        pieces = parse_logprobs(choice.get("logprobs"))
+                        if choice.get("finish_reason"):
+                            finish = _finish(choice["finish_reason"])
+                        if delta or pieces:
+                            chunks += 1
+                            ttft = ttft if ttft is not None else time.perf_counter() - started
+                            parts.append(delta)
+                            logprobs.extend(pieces)
+                            yield TextDelta(text=delta, logprobs=pieces)
         except TimeoutError as exc:
             raise BackendTimeoutError(f"{self.id}: no answer within {self.timeout_s} s") from exc
         except aiohttp.ClientError as exc:
@@ -293,6 +307,21 @@ class OpenAICompatModel(Model):
                 usage_estimated=estimated,
             )
         )
+
+
+def _abandon(session: aiohttp.ClientSession) -> None:
+    """Drop a session whose event loop is gone (a second `asyncio.run`, say) without warnings.
+
+    Its connections belong to the old loop and cannot be closed from this one; the OS reclaims
+    their sockets when the transports are collected.
+    """
+    connector = session.connector
+    session.detach()
+    if connector is not None:
+        # `close()` is a coroutine for the connector's own loop; `_close()` (aiohttp 3.14, pinned)
+        # does the same work synchronously and copes with a closed loop.
+        with contextlib.suppress(RuntimeError):
+            connector._close()
 
 
 async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
