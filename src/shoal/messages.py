@@ -75,11 +75,40 @@ class TokenLogprob(_Frozen):
     top: tuple[tuple[str, float], ...] = ()
 
 
+class Estimate(_Frozen):
+    """What a route expects of one candidate model for one request."""
+
+    model: str
+    quality: float | None = None
+    cost_usd: float | None = None
+    latency_s: float | None = None
+    eligible: bool = True
+    note: str = ""
+
+
+class RouteDecision(_Frozen):
+    """A route's choice for one request, with its reasons and evidence.
+
+    `models` is one model, or a cascade in the order it escalates. `target_met` is false when no
+    candidate is expected to meet the route's quality target or deadline and the route fell back
+    to the best available: the choice is then flagged, never silently swapped.
+    """
+
+    route: str
+    models: tuple[str, ...] = Field(min_length=1)
+    reason: str
+    estimates: tuple[Estimate, ...] = ()
+    target_met: bool = True
+    decision_s: float = 0.0
+
+
 class ChatResponse(_Frozen):
     """What a model answered, what it cost and how long it took.
 
     `latency_s` is wall time from the call to the last token; `compute_s` is the time the model
     itself worked (no queueing), which prices a local model; `ttft_s` is time to first token.
+    A routed call carries its `decision`, and in `attempts` the answers of the models a cascade
+    tried and escalated from (each costed on its own).
     `usage_estimated` is true when the backend did not report token counts (some servers omit
     them from streams) and shoal had to count them itself.
     """
@@ -94,6 +123,13 @@ class ChatResponse(_Frozen):
     cost_usd: float = Field(default=0.0, ge=0.0)
     logprobs: tuple[TokenLogprob, ...] | None = None
     usage_estimated: bool = False
+    decision: RouteDecision | None = None
+    attempts: tuple[ChatResponse, ...] = ()
+
+    @property
+    def total_cost_usd(self) -> float:
+        """This answer's cost plus that of every earlier attempt (a cascade's escalations)."""
+        return self.cost_usd + sum(a.total_cost_usd for a in self.attempts)
 
 
 class TextDelta(_Frozen):

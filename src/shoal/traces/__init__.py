@@ -1,0 +1,1 @@
+"""Traces: one record per model call, in SQLite."""

@@ -1,0 +1,222 @@
+"""The trace store: every model call and every run, in one SQLite file (WAL).
+
+A record is committed as soon as its call ends, so a process killed mid-run leaves every
+finished call readable. Writes are short and synchronous (WAL with `synchronous=NORMAL` does not
+fsync per commit); readers never block the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    budget_usd REAL,
+    deadline_s REAL,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT,
+    step TEXT,
+    item TEXT,
+    route TEXT,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    error TEXT,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    latency_s REAL NOT NULL DEFAULT 0,
+    compute_s REAL NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    cached INTEGER NOT NULL DEFAULT 0,
+    decision TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, id);
+CREATE INDEX IF NOT EXISTS calls_model ON calls (model, finished_at);
+"""
+
+
+class CallRecord(BaseModel):
+    """One model call: who asked (run, step, item), what answered, what it cost."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    status: str = "ok"
+    run_id: str | None = None
+    step: str | None = None
+    item: str | None = None
+    route: str | None = None
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_s: float = 0.0
+    compute_s: float = 0.0
+    cost_usd: float = 0.0
+    cached: bool = False
+    decision: dict[str, Any] | None = None
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    id: int | None = None
+
+
+class RunRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    status: str
+    started_at: float
+    finished_at: float | None = None
+    budget_usd: float | None = None
+    deadline_s: float | None = None
+    cost_usd: float = 0.0
+    detail: dict[str, Any] = {}
+
+
+_CALL_COLUMNS = [f for f in CallRecord.model_fields if f != "id"]
+
+
+class TraceStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def record_call(self, call: CallRecord) -> int:
+        values = call.model_dump(exclude={"id"})
+        values["decision"] = json.dumps(values["decision"]) if values["decision"] else None
+        values["cached"] = int(values["cached"])
+        with self._write() as db:
+            cursor = db.execute(
+                f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})",
+                [values[c] for c in _CALL_COLUMNS],
+            )
+            if call.run_id is not None:
+                db.execute(
+                    "UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?",
+                    (call.cost_usd, call.run_id),
+                )
+            return int(cursor.lastrowid or 0)
+
+    def calls(self, run_id: str | None = None, *, limit: int = 10_000) -> list[CallRecord]:
+        query = f"SELECT id, {', '.join(_CALL_COLUMNS)} FROM calls"
+        args: tuple[Any, ...] = ()
+        if run_id is not None:
+            query += " WHERE run_id = ?"
+            args = (run_id,)
+        query += " ORDER BY id LIMIT ?"
+        with self._lock:
+            rows = self._db.execute(query, (*args, limit)).fetchall()
+        return [self._call(row) for row in rows]
+
+    @staticmethod
+    def _call(row: tuple[Any, ...]) -> CallRecord:
+        data = dict(zip(["id", *_CALL_COLUMNS], row, strict=True))
+        data["decision"] = json.loads(data["decision"]) if data["decision"] else None
+        data["cached"] = bool(data["cached"])
+        return CallRecord.model_validate(data)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        name: str,
+        *,
+        budget_usd: float | None = None,
+        deadline_s: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> str:
+        run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO runs (id, name, status, started_at, budget_usd, deadline_s, detail) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, name, time.time(), budget_usd, deadline_s, json.dumps(detail or {})),
+            )
+        return run_id
+
+    def finish_run(self, run_id: str, status: str, detail: dict[str, Any] | None = None) -> None:
+        with self._write() as db:
+            if detail is not None:
+                db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?, detail = ? WHERE id = ?",
+                    (status, time.time(), json.dumps(detail), run_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ? WHERE id = ?",
+                    (status, time.time(), run_id),
+                )
+
+    def run(self, run_id: str) -> RunRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, status, started_at, finished_at, budget_usd, deadline_s, "
+                "cost_usd, detail FROM runs WHERE id = ?",
+                (run_id,),
+            ).fetchone()
+        return self._run(row) if row else None
+
+    def runs(self, *, limit: int = 50) -> list[RunRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, status, started_at, finished_at, budget_usd, deadline_s, "
+                "cost_usd, detail FROM runs ORDER BY started_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [self._run(row) for row in rows]
+
+    @staticmethod
+    def _run(row: tuple[Any, ...]) -> RunRecord:
+        keys = ["id", "name", "status", "started_at", "finished_at"]
+        keys += ["budget_usd", "deadline_s", "cost_usd", "detail"]
+        data = dict(zip(keys, row, strict=True))
+        data["detail"] = json.loads(data["detail"])
+        return RunRecord.model_validate(data)
