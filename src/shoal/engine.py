@@ -6,6 +6,7 @@ name (a model id or a route name) is made and recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -78,6 +79,21 @@ class Engine:
             response = await model.generate(request)
         except ShoalError as exc:
             self._record_failure(name, exc, started, run_id, step, item)
+            raise
+        except asyncio.CancelledError:  # the caller went away (a client disconnected)
+            self.traces.record_call(
+                CallRecord(
+                    model=name,
+                    status="cancelled",
+                    route=self._route(name),
+                    run_id=run_id,
+                    step=step,
+                    item=item,
+                    started_at=started,
+                    finished_at=time.time(),
+                    latency_s=time.time() - started,
+                )
+            )
             raise
         self.record(
             response, started=started, route=self._route(name), run_id=run_id, step=step, item=item

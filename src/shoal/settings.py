@@ -103,6 +103,17 @@ class FleetSettings(_Spec):
         return self
 
 
+class ServerSettings(_Spec):
+    """`shoal serve`: where it listens and what it lets in (flags of the same names)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth: bool = Field(default=True, description="require an API key (see `shoal keys`)")
+    keys_path: Path | None = Field(default=None, description="default: keys.sqlite in the cache")
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger bodies get 413")
+    log_prompts: bool = Field(default=False, description="log prompts and answers (debug only)")
+
+
 def default_cache_dir() -> Path:
     """`$SHOAL_CACHE_DIR`, else `$XDG_CACHE_HOME/shoal`, else `~/.cache/shoal`."""
     if explicit := os.environ.get("SHOAL_CACHE_DIR"):

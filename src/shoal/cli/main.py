@@ -293,5 +293,13 @@ def config_show(fleet_file: FleetOption = None) -> None:
     typer.echo(yaml.safe_dump(data, sort_keys=False, width=1000), nl=False)
 
 
+# -- serving (commands in cli/serve.py) -----------------------------------------------------------
+
+from shoal.cli.serve import keys_app, serve  # noqa: E402
+
+app.command()(serve)
+app.add_typer(keys_app, name="keys")
+
+
 if __name__ == "__main__":
     app()

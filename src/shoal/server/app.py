@@ -1,0 +1,99 @@
+"""`create_app(engine, settings)`: the OpenAI-compatible server as a Starlette app.
+
+Everything the app holds hangs off `app.state.shoal` (`ServerState`): the engine that answers,
+the key store, the metrics. Nothing lives at module level, so several apps (tests) coexist.
+
+    app = create_app(Engine(), ServerSettings(auth=False))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from shoal.engine import Engine
+from shoal.errors import ShoalError
+from shoal.server.errors import ErrorReply, error_reply, http_error_reply
+from shoal.server.keys import KeyStore
+from shoal.server.metrics import Metrics
+from shoal.server.routes import ROUTES
+from shoal.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+KEYS_FILE = "keys.sqlite"
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    settings: ServerSettings
+    keys: KeyStore | None
+    metrics: Metrics
+
+
+def _reply(reply: ErrorReply) -> Response:
+    return Response(
+        reply.body.model_dump_json(),
+        status_code=reply.status,
+        media_type="application/json",
+        headers=reply.headers,
+    )
+
+
+async def _shoal_error(request: Request, exc: Exception) -> Response:
+    return _reply(error_reply(exc))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return _reply(http_error_reply(exc.status_code, exc.detail))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    # The message may quote a prompt: log the type and traceback only at debug level.
+    log.error("unexpected %s answering %s", type(exc).__name__, request.url.path)
+    log.debug("traceback", exc_info=exc)
+    return _reply(error_reply(exc))
+
+
+def create_app(
+    engine: Engine, settings: ServerSettings | None = None, *, close_engine: bool = False
+) -> Starlette:
+    """The server for `engine`. With `close_engine`, the app closes the engine when it stops
+    (the command line hands it over); otherwise the caller keeps it."""
+    settings = settings or ServerSettings()
+    keys = None
+    if settings.auth:
+        keys = KeyStore(settings.keys_path or engine.fleet.cache_dir / KEYS_FILE)
+    state = ServerState(engine=engine, settings=settings, keys=keys, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if keys is not None:
+                keys.close()
+            if close_engine:
+                await engine.aclose()
+
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            ShoalError: _shoal_error,
+            HTTPException: _http_error,
+            Exception: _unexpected,
+        },
+        lifespan=lifespan,
+    )
+    app.state.shoal = state
+    return app

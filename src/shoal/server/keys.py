@@ -1,0 +1,337 @@
+"""API keys with budgets and rate limits, and the ledger that keeps every key within its budget.
+
+A key is shown once, when it is created; the store keeps only its sha256 (and its first few
+characters, to recognise it in a list), in its own SQLite file.
+
+Money is counted in integer picodollars (1e-12 USD), so sums are exact. Before a call starts,
+the server reserves the call's worst-case cost (`Model.worst_case_cost`: `max_tokens` at the
+output price plus a byte bound on the prompt at the input price for a token-priced model; for a
+host-priced local model, the compute time its card expects for that many tokens, times a margin
+for a busy machine). A call is admitted only when the key's settled spend plus every reservation
+in flight plus this one fits the budget, and all of that happens in one step on the event loop,
+so any number of concurrent calls on one key can never spend past its budget. When the call
+ends, its reservation is settled to what it actually cost (the same for a streamed and a
+non-streamed call: the adapters cost both by one rule), capped at what was reserved; a call that
+cost more than its reservation (a local model slower than its margin) is charged the
+reservation, and the difference is logged and counted in `shoal_key_uncharged_usd_total`.
+
+A call that does not complete is charged what it measurably consumed (`partial_cost`); one that
+fails before producing anything costs nothing.
+
+One server process owns a keys file's reservations. A key created, revoked or re-budgeted from
+the command line while the server runs takes effect there within `REFRESH_S` seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from shoal.cards import HostPrice, ModelCard
+from shoal.messages import ChatRequest
+from shoal.server.errors import AuthenticationError, BudgetExceededError, RateLimitedError
+
+log = logging.getLogger(__name__)
+
+PICO = 10**12
+KEY_PREFIX = "sk-shoal-"
+REFRESH_S = 5.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    hash TEXT NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    budget_pusd INTEGER,
+    spent_pusd INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    rpm INTEGER,
+    revoked INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+"""
+
+
+def to_pico(usd: float) -> int:
+    """USD to picodollars, rounded up (a cost is never undercounted)."""
+    return math.ceil(usd * PICO)
+
+
+def to_usd(pusd: int) -> float:
+    return pusd / PICO
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def partial_cost(card: ModelCard, request: ChatRequest, *, delivered: int, seconds: float) -> float:
+    """What a call that did not complete consumed: for a host-priced model, the seconds it ran;
+    for a token-priced one, the prompt (at about 4 characters a token) and the `delivered` text
+    events (one token each, as OpenAI-compatible servers stream)."""
+    if isinstance(card.price, HostPrice):
+        return card.price.per_hour * seconds / 3600.0
+    prompt = -(-sum(len(m.content) for m in request.messages) // 4)
+    price = card.price
+    return (prompt * price.input_per_mtok + delivered * price.output_per_mtok) / 1e6
+
+
+class KeyRecord(BaseModel):
+    """A key as the store lists it (never the key itself)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    name: str
+    hint: str
+    budget_usd: float | None
+    spent_usd: float
+    requests: int
+    rpm: int | None
+    revoked: bool
+    created_at: float
+
+
+@dataclass
+class KeyState:
+    """A key's live state in the server: its settled spend, what calls in flight hold, and its
+    rate-limit bucket."""
+
+    id: str
+    name: str
+    budget_pusd: int | None
+    spent_pusd: int
+    rpm: int | None
+    revoked: bool
+    loaded_at: float
+    reserved_pusd: int = 0
+    tokens: float = 0.0
+    tokens_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def remaining_pusd(self) -> int | None:
+        if self.budget_pusd is None:
+            return None
+        return self.budget_pusd - self.spent_pusd - self.reserved_pusd
+
+
+@dataclass
+class Reservation:
+    """Money held for one call; settle it exactly once (later calls do nothing)."""
+
+    key: KeyState | None
+    amount_pusd: int
+    settled_pusd: int | None = None
+
+
+class KeyStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._live: dict[str, KeyState] = {}
+        self.uncharged_pusd = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- administration (the command line) -----------------------------------------------------
+
+    def create(
+        self, name: str, *, budget_usd: float | None, rpm: int | None
+    ) -> tuple[str, KeyRecord]:
+        """A new key: returns the key (shown once, stored only hashed) and its record."""
+        if budget_usd is not None and budget_usd < 0:
+            raise ValueError("a budget cannot be negative")
+        if rpm is not None and rpm < 1:
+            raise ValueError("rpm must be at least 1")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        key_id = "key_" + uuid.uuid4().hex[:12]
+        budget = to_pico(budget_usd) if budget_usd is not None else None
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO keys (id, name, hash, hint, budget_pusd, rpm, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key_id,
+                        name,
+                        hash_key(key),
+                        key[: len(KEY_PREFIX) + 4],
+                        budget,
+                        rpm,
+                        time.time(),
+                    ),
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ValueError(f"a key named {name!r} already exists") from exc
+        record = self.record(name)
+        assert record is not None
+        return key, record
+
+    def revoke(self, name: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("UPDATE keys SET revoked = 1 WHERE name = ?", (name,))
+        return cursor.rowcount > 0
+
+    def records(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
+                "created_at FROM keys ORDER BY created_at"
+            ).fetchall()
+        return [_record(row) for row in rows]
+
+    def record(self, name: str) -> KeyRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
+                "created_at FROM keys WHERE name = ?",
+                (name,),
+            ).fetchone()
+        return _record(row) if row else None
+
+    # -- the server's side ---------------------------------------------------------------------
+
+    def authenticate(self, authorization: str | None) -> KeyState:
+        """The key in an `Authorization: Bearer ...` header, or `AuthenticationError`."""
+        if not authorization:
+            raise AuthenticationError("no API key: send it as 'Authorization: Bearer <key>'")
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
+        digest = hash_key(key)
+        state = self._live.get(digest)
+        now = time.monotonic()
+        if state is None or now - state.loaded_at > REFRESH_S:
+            state = self._load(digest, state, now)
+        if state is None or state.revoked:
+            raise AuthenticationError("invalid API key")
+        return state
+
+    def _load(self, digest: str, known: KeyState | None, now: float) -> KeyState | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, name, budget_pusd, spent_pusd, rpm, revoked FROM keys WHERE hash = ?",
+                (digest,),
+            ).fetchone()
+        if row is None:
+            self._live.pop(digest, None)
+            return None
+        key_id, name, budget, spent, rpm, revoked = row
+        if known is None:
+            known = KeyState(
+                id=key_id,
+                name=name,
+                budget_pusd=budget,
+                spent_pusd=spent,
+                rpm=rpm,
+                revoked=bool(revoked),
+                loaded_at=now,
+                tokens=float(rpm or 0),
+            )
+            self._live[digest] = known
+        else:
+            known.budget_pusd, known.spent_pusd, known.rpm = budget, spent, rpm
+            known.revoked, known.loaded_at = bool(revoked), now
+        return known
+
+    def admit(self, key: KeyState) -> None:
+        """Take one request from the key's rate limit (a bucket of `rpm` refilled each minute)."""
+        if key.rpm is None:
+            return
+        now = time.monotonic()
+        rate = key.rpm / 60.0
+        key.tokens = min(float(key.rpm), key.tokens + (now - key.tokens_at) * rate)
+        key.tokens_at = now
+        if key.tokens < 1.0:
+            wait = (1.0 - key.tokens) / rate
+            raise RateLimitedError(
+                f"key {key.name!r} is limited to {key.rpm} requests per minute",
+                retry_after_s=wait,
+            )
+        key.tokens -= 1.0
+
+    def reserve(self, key: KeyState | None, worst_usd: float) -> Reservation:
+        """Hold `worst_usd` of the key's budget for one call, or refuse the call."""
+        amount = to_pico(worst_usd)
+        if key is None:
+            return Reservation(None, amount)
+        if key.budget_pusd is not None:
+            free = key.budget_pusd - key.spent_pusd
+            if amount > free:
+                raise BudgetExceededError(
+                    f"key {key.name!r} has ${to_usd(max(free, 0)):.6f} of its budget left; "
+                    f"this call may cost up to ${worst_usd:.6f} (lower max_tokens to ask less)"
+                )
+            if amount > free - key.reserved_pusd:
+                raise RateLimitedError(
+                    f"key {key.name!r}: the rest of its budget is held by calls in flight",
+                    retry_after_s=1.0,
+                )
+        key.reserved_pusd += amount
+        return Reservation(key, amount)
+
+    def settle(self, reservation: Reservation, actual_usd: float) -> int:
+        """Charge a call what it cost (at most what was reserved); returns picodollars charged."""
+        if reservation.settled_pusd is not None:
+            return reservation.settled_pusd
+        cost = to_pico(actual_usd)
+        charged = min(cost, reservation.amount_pusd)
+        reservation.settled_pusd = charged
+        key = reservation.key
+        if key is None:
+            return charged
+        key.reserved_pusd -= reservation.amount_pusd
+        key.spent_pusd += charged
+        if cost > charged:
+            self.uncharged_pusd += cost - charged
+            log.warning(
+                "key %s: a call cost $%.9f, more than its reservation of $%.9f; charged the "
+                "reservation",
+                key.name,
+                to_usd(cost),
+                to_usd(reservation.amount_pusd),
+            )
+        with self._lock:
+            self._db.execute(
+                "UPDATE keys SET spent_pusd = spent_pusd + ?, requests = requests + 1 WHERE id = ?",
+                (charged, key.id),
+            )
+        return charged
+
+
+def _record(row: tuple[object, ...]) -> KeyRecord:
+    key_id, name, hint, budget, spent, requests, rpm, revoked, created = row
+    assert isinstance(spent, int)
+    assert isinstance(requests, int)
+    return KeyRecord(
+        id=str(key_id),
+        name=str(name),
+        hint=str(hint),
+        budget_usd=to_usd(budget) if isinstance(budget, int) else None,
+        spent_usd=to_usd(spent),
+        requests=requests,
+        rpm=rpm if isinstance(rpm, int) else None,
+        revoked=bool(revoked),
+        created_at=float(created),  # type: ignore[arg-type]
+    )

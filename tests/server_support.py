@@ -1,0 +1,122 @@
+"""Helpers for the server tests: shoal's app on a real socket, and a fast fake OpenAI upstream.
+
+Both run on 127.0.0.1 in a background thread with its own event loop, so tests can talk to them
+with the official (blocking or async) `openai` client from the test's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from aiohttp import web
+from conftest import free_port
+from starlette.types import ASGIApp
+
+
+@contextmanager
+def serving(app: ASGIApp) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port; yields its base URL (`.../v1`)."""
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def completion(text: str, model: str) -> dict[str, Any]:
+    words = len(text.split())
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": words, "total_tokens": 5 + words},
+    }
+
+
+async def _fake_chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    model = body.get("model", "fake")
+    text = "hello from the fake upstream"
+    if not body.get("stream"):
+        return web.json_response(completion(text, model))
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for i, word in enumerate(text.split()):
+        chunk = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": model,
+            "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}],
+        }
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    last = completion(text, model)
+    tail = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": last["usage"],
+    }
+    await response.write(b"data: " + json.dumps(tail).encode() + b"\n\ndata: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@contextmanager
+def fake_upstream() -> Iterator[str]:
+    """A fast OpenAI-compatible upstream that always answers the same five words."""
+    port = free_port()
+    ready = threading.Event()
+    stop: dict[str, asyncio.Event] = {}
+    loop_box: dict[str, asyncio.AbstractEventLoop] = {}
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", _fake_chat)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        stop["event"] = asyncio.Event()
+        loop_box["loop"] = asyncio.get_running_loop()
+        ready.set()
+        await stop["event"].wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    if not ready.wait(10):
+        raise RuntimeError("the fake upstream did not start")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        loop_box["loop"].call_soon_threadsafe(stop["event"].set)
+        thread.join(timeout=10)
