@@ -42,6 +42,10 @@ def serving(app: ASGIApp) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+DYING = "dying"
+"""Streams to this upstream model name break after two chunks."""
+
+
 def completion(text: str, model: str) -> dict[str, Any]:
     words = len(text.split())
     return {
@@ -77,6 +81,11 @@ async def _fake_chat(request: web.Request) -> web.StreamResponse:
             "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}],
         }
         await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        if model == DYING and i == 1:  # the upstream dies mid-stream
+            assert request.transport is not None
+            await asyncio.sleep(0.05)  # let the two chunks leave before the connection drops
+            request.transport.abort()
+            return response
     last = completion(text, model)
     tail = {
         "id": "chatcmpl-fake",

@@ -28,9 +28,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable
-from typing import TYPE_CHECKING, TypeVar, cast
+from collections.abc import AsyncGenerator, Awaitable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import jsonschema
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -98,9 +99,39 @@ def parse_request(body: bytes) -> tuple[ChatCompletionRequest, ChatRequest]:
         raise MalformedRequestError("the request has no body: send a JSON chat request")
     try:
         wire = ChatCompletionRequest.model_validate_json(body)
-        return wire, to_chat_request(wire)
+        chat = to_chat_request(wire)
     except ValidationError as exc:
         raise _request_error(exc) from None
+    if chat.json_schema is not None:
+        _check_schema(chat.json_schema)
+    return wire, chat
+
+
+def _check_schema(schema: dict[str, Any]) -> None:
+    """A JSON schema must be valid and self-contained (no reference leaves the document)."""
+    param = "response_format.json_schema.schema"
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise MalformedRequestError(
+            f"not a valid JSON schema: {exc.message}", param=param
+        ) from None
+    refs = [v for v in _values(schema, "$ref") if not (isinstance(v, str) and v.startswith("#"))]
+    if refs:
+        raise MalformedRequestError(
+            "the JSON schema refers outside itself ($ref must start with '#')", param=param
+        )
+
+
+def _values(node: Any, key: str) -> Iterator[Any]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _values(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _values(v, key)
 
 
 def _request_error(exc: ValidationError) -> ShoalError:
@@ -337,8 +368,10 @@ async def _events(
                         f"{call.name}: the stream ended without its answer"
                     ) from None
         yield sse.DONE_BYTES
-    except ShoalError as exc:
+    except Exception as exc:  # after the first byte, an error can only be an event
         ended = True
+        if not isinstance(exc, ShoalError):
+            log.error("unexpected %s in the stream of %s", type(exc).__name__, call.name)
         reply = error_reply(exc)
         call.failed(reply.body.error.code or "error", call.partial(delivered) if delivered else 0.0)
         yield sse.encode(sse.Failure(reply.body))
