@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shoal.errors import ConfigError, ShoalError, UnknownModelError
+from shoal.errors import ConfigError, ShoalError, UnknownModelError, UnknownRouteError
 from shoal.fleet import Fleet
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent
 from shoal.models.base import Model
@@ -36,6 +36,11 @@ class Engine:
             traces = TraceStore(trace_path or self.fleet.cache_dir / TRACES_FILE)
         self.traces = traces
         self._routes: dict[str, Model] = {}
+        if self.fleet.settings.routes:
+            from shoal.routing.config import build_route
+
+            for spec in self.fleet.settings.routes:
+                self.add_route(spec.name, build_route(spec, self.fleet, traces=self.traces))
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -52,6 +57,12 @@ class Engine:
     @property
     def names(self) -> list[str]:
         return [*self.fleet.ids, *self._routes]
+
+    def route(self, name: str) -> Model:
+        """The route called `name` (an error lists the valid routes)."""
+        if name not in self._routes:
+            raise UnknownRouteError(name, self._routes)
+        return self._routes[name]
 
     def model(self, name: str) -> Model:
         """The model or route called `name`."""

@@ -3,6 +3,7 @@
     ShoalError                      base; `.retryable` says whether the same call may succeed later
     ├── ConfigError                 a fleet file or setting is invalid (says where)
     ├── UnknownModelError           no model with that id (lists the valid ids)
+    ├── UnknownRouteError           no route with that name (lists the valid routes)
     ├── ModelNotInstalledError      a model's weights are missing (names the package / command)
     ├── WeightsCorruptedError       weights on disk do not match their sha256
     ├── InvalidRequestError         the request cannot be served as asked
@@ -38,6 +39,14 @@ class UnknownModelError(ShoalError):
         self.known = sorted(known)
         choices = ", ".join(self.known) or "none configured"
         super().__init__(f"unknown model {model_id!r}; valid models: {choices}")
+
+
+class UnknownRouteError(ShoalError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        choices = ", ".join(self.known) or "none configured (add a `routes:` section)"
+        super().__init__(f"unknown route {name!r}; valid routes: {choices}")
 
 
 class ModelNotInstalledError(ShoalError):

@@ -88,11 +88,81 @@ ModelSpec = Annotated[GGUFModelSpec | OpenAIModelSpec, Field(discriminator="kind
 
 
 class FleetSettings(_Spec):
+# -- routes (built by shoal.routing.config) -------------------------------------------------------
+
+RouteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
+
+
+class RouteTarget(_Spec):
+    """What a route must achieve: exactly one of the three."""
+
+    quality_ratio: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="share of the best model's quality"
+    )
+    min_quality: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_cost_ratio: float | None = Field(
+        default=None, gt=0.0, description="cost cap, as a share of the best model's cost"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RouteTarget:
+        given = [v for v in (self.quality_ratio, self.min_quality, self.max_cost_ratio) if v]
+        if len(given) != 1:
+            raise ValueError("give exactly one of quality_ratio, min_quality, max_cost_ratio")
+        return self
+
+
+class _RouteSpec(_Spec):
+    name: RouteName
+    deadline_s: float | None = Field(
+        default=None, gt=0, description="only models whose p95 latency fits (latency SLO)"
+    )
+
+
+class FixedRouteSpec(_RouteSpec):
+    kind: Literal["fixed"]
+    model: ModelId
+
+
+class FallbackRouteSpec(_RouteSpec):
+    kind: Literal["fallback"]
+    models: tuple[ModelId, ...] = Field(min_length=1)
+
+
+class CascadeRouteSpec(_RouteSpec):
+    """Cheapest first; escalate while the answer's confidence is under the threshold."""
+
+    kind: Literal["cascade"]
+    models: tuple[ModelId, ...] = Field(min_length=2, description="in escalation order")
+    signal: Literal["logprob", "agreement"] = "logprob"
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+
+
+class PredictiveRouteSpec(_RouteSpec):
+    """Predicts each model's quality per query; calibrated on an outcome table to a target."""
+
+    kind: Literal["predictive"]
+    models: tuple[ModelId, ...] = Field(min_length=2)
+    predictor: Literal["knn", "logistic", "mlp", "mf", "ensemble"] = "ensemble"
+    target: RouteTarget = RouteTarget(quality_ratio=0.95)
+    outcomes: Path | None = Field(
+        default=None, description="outcome table to calibrate on (default: the local one)"
+    )
+    min_quality: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+RouteSpec = Annotated[
+    FixedRouteSpec | FallbackRouteSpec | CascadeRouteSpec | PredictiveRouteSpec,
+    Field(discriminator="kind"),
+]
+
+
     host_price_per_hour: float = Field(default=DEFAULT_HOST_PRICE_PER_HOUR, ge=0.0)
     include_default: bool = True
     cache_dir: Path | None = None
     models: tuple[ModelSpec, ...] = ()
 
+    routes: tuple[RouteSpec, ...] = ()
     @model_validator(mode="after")
     def _unique_ids(self) -> FleetSettings:
         seen: set[str] = set()
@@ -101,6 +171,10 @@ class FleetSettings(_Spec):
                 raise ValueError(f"model id {spec.id!r} is listed twice")
             seen.add(spec.id)
         return self
+        for route in self.routes:
+            if route.name in seen:
+                raise ValueError(f"route name {route.name!r} is already a model id or route")
+            seen.add(route.name)
 
 
 class ServerSettings(_Spec):

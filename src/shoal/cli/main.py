@@ -27,6 +27,7 @@ from shoal.errors import (
     ModelNotInstalledError,
     ShoalError,
     UnknownModelError,
+    UnknownRouteError,
     WeightsCorruptedError,
 )
 from shoal.fleet import Fleet
@@ -53,6 +54,7 @@ T = TypeVar("T")
 _BAD_INPUT = (
     ConfigError,
     UnknownModelError,
+    UnknownRouteError,
     InvalidRequestError,
     ModelNotInstalledError,
     WeightsCorruptedError,
@@ -291,6 +293,14 @@ def config_show(fleet_file: FleetOption = None) -> None:
         "models": [fleet.spec(i).model_dump(mode="json", exclude_none=True) for i in fleet.ids],
     }
     typer.echo(yaml.safe_dump(data, sort_keys=False, width=1000), nl=False)
+
+
+# -- routing (commands in cli/route.py) -----------------------------------------------------------
+
+from shoal.cli.route import outcomes_app, route_app  # noqa: E402
+
+app.add_typer(route_app, name="route")
+app.add_typer(outcomes_app, name="outcomes")
 
 
 # -- serving (commands in cli/serve.py) -----------------------------------------------------------

@@ -1,0 +1,273 @@
+"""The routing contract: a `Router` chooses, a `RoutedModel` calls.
+
+A router's one required method is `choose(request, candidates, stats) -> RouteDecision`: which
+model (or which cascade of models, in the order it escalates) should answer, why, and what it
+expects of each candidate. It is synchronous and does no I/O beyond its own features, so a
+decision costs microseconds to milliseconds. A cascade also says, through `accept`, whether an
+answer is good enough to stop.
+
+`RoutedModel` wraps a router and the models it may choose from, and *is* a model: pipelines and
+the server call it like any other. It tries the decision's models in order: an answer the router
+accepts ends the call; a rejected answer, or a retryable failure, moves on to the next model. The
+final `ChatResponse` carries the decision, and every earlier answer in `attempts`, each costed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from shoal.cards import HostPrice, ModelCard
+from shoal.errors import ConfigError, ShoalError
+from shoal.messages import (
+    ChatRequest,
+    ChatResponse,
+    Completed,
+    RouteDecision,
+    StreamEvent,
+    TextDelta,
+)
+from shoal.models.base import Model
+from shoal.traces.store import CallRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """What is known of one model's calls: typical cost and latency (and quality, if measured).
+
+    Filled from the model's card (price and measured speed) and, when traces exist, from the
+    model's recorded calls. `None` means unknown.
+    """
+
+    cost_usd: float | None = None
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    quality: float | None = None
+    calls: int = 0
+
+
+RouteStats = Mapping[str, ModelStats]
+
+# A typical short call, to turn a card's price and speed into a per-call figure.
+TYPICAL_INPUT_TOKENS = 200
+TYPICAL_OUTPUT_TOKENS = 50
+
+
+def request_tokens(request: ChatRequest) -> tuple[int, int]:
+    """(input, output) tokens a request is likely to use: ~4 characters a token, max_tokens cap."""
+    chars = sum(len(m.content) for m in request.messages)
+    return max(1, chars // 4), min(request.max_tokens, TYPICAL_OUTPUT_TOKENS)
+
+
+def card_stats(
+    card: ModelCard,
+    input_tokens: int = TYPICAL_INPUT_TOKENS,
+    output_tokens: int = TYPICAL_OUTPUT_TOKENS,
+) -> ModelStats:
+    """Per-call cost and latency expected from a card's price and measured speed."""
+    from shoal.messages import Usage
+
+    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+    latency = None
+    if card.measured is not None:
+        latency = input_tokens / max(card.measured.prompt_tok_s, 1e-9) + output_tokens / max(
+            card.measured.gen_tok_s, 1e-9
+        )
+    cost: float | None = card.cost(usage, latency or 0.0)
+    if isinstance(card.price, HostPrice) and latency is None:
+        cost = None  # a local model's cost is its compute time, unknown until measured
+    return ModelStats(
+        cost_usd=cost,
+        latency_p50_s=latency,
+        latency_p95_s=None if latency is None else latency * 1.5,
+    )
+
+
+def trace_stats(
+    calls: Iterable[CallRecord], base: RouteStats | None = None
+) -> dict[str, ModelStats]:
+    """Observed cost and latency percentiles per model from trace records (successful calls)."""
+    by_model: dict[str, list[CallRecord]] = {}
+    for call in calls:
+        if call.status == "ok" and not call.cached:
+            by_model.setdefault(call.model, []).append(call)
+    merged = dict(base or {})
+    for model, rows in by_model.items():
+        lat = np.array([r.latency_s for r in rows])
+        prior = merged.get(model, ModelStats())
+        merged[model] = ModelStats(
+            cost_usd=float(np.mean([r.cost_usd for r in rows])),
+            latency_p50_s=float(np.percentile(lat, 50)),
+            latency_p95_s=float(np.percentile(lat, 95)),
+            quality=prior.quality,
+            calls=len(rows),
+        )
+    return merged
+
+
+class Router(ABC):
+    """Chooses, per request, which model(s) answer. One required method: `choose`."""
+
+    name: str = "route"
+
+    @abstractmethod
+    def choose(
+        self, request: ChatRequest, candidates: Sequence[ModelCard], stats: RouteStats
+    ) -> RouteDecision: ...
+
+    def accept(
+        self,
+        request: ChatRequest,
+        response: ChatResponse,
+        earlier: Sequence[ChatResponse] = (),
+    ) -> tuple[bool, float]:
+        """Whether `response` is good enough to stop a cascade, and the confidence it had.
+
+        Routers that choose one model accept every answer.
+        """
+        del request, response, earlier
+        return True, 1.0
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        """The request the chosen models get (a cascade turns log-probabilities on)."""
+        return request
+
+    def rename(self, name: str) -> None:
+        """The route name decisions carry (set when the router is registered as a route)."""
+        self.name = name
+
+
+class RoutedModel(Model):
+    """A route as a model: choose with `router`, call the chosen model(s), report everything."""
+
+    def __init__(
+        self,
+        name: str,
+        router: Router,
+        models: Sequence[Model],
+        *,
+        stats: RouteStats | None = None,
+    ) -> None:
+        if not models:
+            raise ConfigError(f"route {name!r} has no models to choose from")
+        self._models = {m.id: m for m in models}
+        if len(self._models) != len(models):
+            raise ConfigError(f"route {name!r} lists a model twice")
+        self.name = name
+        self.router = router
+        self.router.rename(name)
+        self.stats: dict[str, ModelStats] = {m.id: card_stats(m.card) for m in models} | dict(
+            stats or {}
+        )
+        cards = [m.card for m in models]
+        self.card = ModelCard(
+            id=name,
+            context=min(c.context for c in cards),
+            runs="local" if all(c.runs == "local" for c in cards) else "api",
+            where=f"route over {', '.join(self._models)}",
+            # A route has no price of its own: each answer is costed by the model that gave it.
+            price=HostPrice(per_hour=0.0),
+            capabilities=frozenset.intersection(*(c.capabilities for c in cards)),
+        )
+
+    @property
+    def candidates(self) -> list[ModelCard]:
+        return [m.card for m in self._models.values()]
+
+    def update_stats(self, stats: RouteStats) -> None:
+        self.stats.update(stats)
+
+    def decide(self, request: ChatRequest) -> RouteDecision:
+        started = time.perf_counter()
+        decision = self.router.choose(request, self.candidates, self.stats)
+        unknown = [m for m in decision.models if m not in self._models]
+        if unknown:
+            raise ConfigError(
+                f"route {self.name!r} chose {', '.join(unknown)}, which it does not hold "
+                f"(valid: {', '.join(self._models)})"
+            )
+        if not decision.target_met:
+            log.warning("route %s: target not met: %s", self.name, decision.reason)
+        return decision.model_copy(update={"decision_s": time.perf_counter() - started})
+
+    async def generate(self, request: ChatRequest) -> ChatResponse:
+        decision = self.decide(request)
+        request = self.router.prepare(request)
+        attempts: list[ChatResponse] = []
+        last_error: ShoalError | None = None
+        for i, model_id in enumerate(decision.models):
+            final = i == len(decision.models) - 1
+            try:
+                response = await self._models[model_id].generate(request)
+            except ShoalError as exc:
+                if final or not exc.retryable:
+                    raise
+                log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
+                last_error = exc
+                continue
+            if final or self.router.accept(request, response, attempts)[0]:
+                return response.model_copy(
+                    update={"decision": decision, "attempts": tuple(attempts)}
+                )
+            attempts.append(response)
+        raise AssertionError(f"unreachable: {last_error}")
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        """Earlier cascade stages are answered whole (they must be judged); the last streams."""
+        decision = self.decide(request)
+        request = self.router.prepare(request)
+        attempts: list[ChatResponse] = []
+        for i, model_id in enumerate(decision.models):
+            model = self._models[model_id]
+            final = i == len(decision.models) - 1
+            if not final:
+                try:
+                    response = await model.generate(request)
+                except ShoalError as exc:
+                    if not exc.retryable:
+                        raise
+                    log.warning("route %s: %s failed (%s)", self.name, model_id, exc)
+                    continue
+                if self.router.accept(request, response, attempts)[0]:
+                    done = response.model_copy(
+                        update={"decision": decision, "attempts": tuple(attempts)}
+                    )
+                    if done.text:
+                        yield TextDelta(text=done.text, logprobs=done.logprobs or ())
+                    yield Completed(response=done)
+                    return
+                attempts.append(response)
+                continue
+            async for event in model.stream(request):
+                if isinstance(event, Completed):
+                    yield Completed(
+                        response=event.response.model_copy(
+                            update={"decision": decision, "attempts": tuple(attempts)}
+                        )
+                    )
+                else:
+                    yield event
+
+    def worst_case_cost(self, request: ChatRequest) -> float:
+        """The most a routed call can cost: every model of the decision (a cascade may call
+        them all), each at its own worst case."""
+        decision = self.decide(request)
+        return sum(self._models[m].worst_case_cost(request) for m in decision.models)
+
+    def expected_latency(self, request: ChatRequest) -> float:
+        decision = self.decide(request)
+        return max(self._models[m].expected_latency(request) for m in decision.models)
+
+    async def load(self) -> None:
+        for model in self._models.values():
+            await model.load()
+
+    async def aclose(self) -> None:
+        return None  # the models belong to the fleet, which closes them
