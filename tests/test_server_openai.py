@@ -18,6 +18,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 from server_support import serving
+from starlette.applications import Starlette
 
 from shoal import FakeModel, Fleet, FunctionModel, TokenPrice
 from shoal.engine import Engine
@@ -109,10 +110,22 @@ def key(keys_path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def base_url(engine: Engine, keys_path: Path) -> Iterator[str]:
-    app = create_app(engine, ServerSettings(keys_path=keys_path, max_body_bytes=MAX_BODY))
+def app(engine: Engine, keys_path: Path) -> Starlette:
+    return create_app(engine, ServerSettings(keys_path=keys_path, max_body_bytes=MAX_BODY))
+
+
+@pytest.fixture(scope="module")
+def base_url(app: Starlette) -> Iterator[str]:
     with serving(app) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def server_keys(app: Starlette) -> KeyStore:
+    """The server's own key store (reads through it see every charge it settled)."""
+    keys = app.state.shoal.keys
+    assert isinstance(keys, KeyStore)
+    return keys
 
 
 @pytest.fixture
@@ -211,10 +224,10 @@ def test_stream(client: openai.OpenAI, include_usage: bool) -> None:
 
 
 def test_streamed_and_unstreamed_calls_cost_the_same(
-    base_url: str, keys_path: Path, engine: Engine
+    base_url: str, keys_path: Path, server_keys: KeyStore
 ) -> None:
     key = make_key(keys_path, "same-cost", budget=10.0)
-    store = KeyStore(keys_path)
+    store = server_keys
     with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
         plain = client.chat.completions.with_raw_response.create(
             model="priced", messages=USER, max_tokens=8
@@ -230,7 +243,6 @@ def test_streamed_and_unstreamed_calls_cost_the_same(
             )
         )
     spent_both = store.record("same-cost").spent_usd  # type: ignore[union-attr]
-    store.close()
     streamed = chunks[-1].model_extra["shoal"]["cost_usd"]  # type: ignore[index]
     assert float(plain.headers["x-shoal-cost-usd"]) == streamed == pytest.approx(0.04)
     assert spent_plain == pytest.approx(0.04, abs=1e-12)

@@ -120,13 +120,11 @@ def make_key(path: Path, name: str, *, budget: float | None = None) -> str:
         store.close()
 
 
-def spent(path: Path, name: str) -> tuple[int, int]:
-    """A key's settled spend (picodollars) and count of settled requests, from its file."""
-    store = KeyStore(path)
-    try:
-        record = store.record(name)
-    finally:
-        store.close()
+def spent(state: ServerState, name: str) -> tuple[int, int]:
+    """A key's settled spend (picodollars) and count of settled requests, as the server wrote
+    them to its keys file."""
+    assert state.keys is not None
+    record = state.keys.record(name)
     assert record is not None
     return round(record.spent_usd * 1e12), record.requests
 
@@ -161,7 +159,7 @@ async def eventually(condition: Any, timeout_s: float = 3.0) -> None:
 
 
 async def test_64_concurrent_requests_never_overspend_a_key(
-    base_url: str, keys_path: Path, engine: Engine
+    base_url: str, keys_path: Path, engine: Engine, state: ServerState
 ) -> None:
     # Each call may cost (and costs) 4 output tokens at a cent each: $1.00 pays for 25.
     key = make_key(keys_path, "crowd", budget=1.0)
@@ -198,7 +196,7 @@ async def test_64_concurrent_requests_never_overspend_a_key(
     assert len(statuses) == 64
     assert statuses.count(200) == 25
     assert set(statuses) <= {200, 402, 429}
-    settled, requests = spent(keys_path, "crowd")
+    settled, requests = spent(state, "crowd")
     assert requests == 25
     assert settled == sum(to_pico(c) for c in costs) == to_pico(1.0)
     traced = [c for c in engine.traces.calls() if c.model == "priced" and c.status == "ok"]
@@ -226,7 +224,7 @@ def test_upstream_dying_mid_stream_is_a_clean_error_event_and_is_accounted(
     expected = (
         prompt_tokens * UPSTREAM_PRICE.input_per_mtok + 2 * UPSTREAM_PRICE.output_per_mtok
     ) / 1e6
-    assert spent(keys_path, "dying") == (to_pico(expected), 1)
+    assert spent(state, "dying") == (to_pico(expected), 1)
     last = engine.traces.calls()[-1]
     assert (last.model, last.status) == ("upstream-dying", "error")
     assert state.metrics.requests[("upstream-dying", "", "", "upstream_error")] == 1
@@ -253,7 +251,7 @@ async def test_client_leaving_a_stream_closes_the_generation(
             c.route == "slow-stream" and c.status == "cancelled" for c in engine.traces.calls()
         )
     )
-    await eventually(lambda: spent(keys_path, "leaver")[1] == 1)
+    await eventually(lambda: spent(state, "leaver")[1] == 1)
     assert state.metrics.in_flight == 0
 
 
@@ -274,7 +272,7 @@ async def test_client_leaving_a_call_cancels_it(
             c.route == "slow-call" and c.status == "cancelled" for c in engine.traces.calls()
         )
     )
-    await eventually(lambda: spent(keys_path, "impatient")[1] == 1)
+    await eventually(lambda: spent(state, "impatient")[1] == 1)
     assert state.metrics.in_flight == 0
 
 

@@ -69,9 +69,10 @@ def serve(
     import uvicorn
 
     from shoal.cli.main import _fleet, _guard
-    from shoal.engine import Engine
+    from shoal.engine import TRACES_FILE, Engine
     from shoal.server import create_app
     from shoal.settings import ServerSettings
+    from shoal.traces.background import DeferredTraceStore
 
     try:
         settings = ServerSettings(
@@ -87,7 +88,9 @@ def serve(
         _guard(lambda: _raise(problem))
         return
     fleet = _fleet(fleet_file)
-    engine = _guard(lambda: Engine(fleet, trace_path=traces))
+    trace_path = traces or fleet.cache_dir / TRACES_FILE
+    # Trace rows are committed just after each response, not before it.
+    engine = _guard(lambda: Engine(fleet, traces=DeferredTraceStore(trace_path)))
     app = create_app(engine, settings, close_engine=True)
     where = "no API keys" if no_auth else f"keys in {keys or fleet.cache_dir / 'keys.sqlite'}"
     err.print(
@@ -96,7 +99,15 @@ def serve(
     )
     if no_auth and host not in ("127.0.0.1", "localhost", "::1"):
         err.print("[bold yellow]warning:[/] serving beyond loopback without API keys")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        proxy_headers=False,  # clients connect directly (no trusted proxy in front)
+        lifespan="on",
+    )
 
 
 def _raise(exc: Exception) -> None:

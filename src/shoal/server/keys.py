@@ -18,12 +18,16 @@ reservation, and the difference is logged and counted in `shoal_key_uncharged_us
 A call that does not complete is charged what it measurably consumed (`partial_cost`); one that
 fails before producing anything costs nothing.
 
-One server process owns a keys file's reservations. A key created, revoked or re-budgeted from
-the command line while the server runs takes effect there within `REFRESH_S` seconds.
+Settled charges reach the file in batches, `FLUSH_AFTER_S` after they settle (reads through
+the store write them first); a killed server loses at most that last moment of charges, never
+a reservation's protection (budgets are enforced in memory, as calls settle).
+One server process owns a keys file's reservations. A key created, revoked or re-budgeted
+from the command line while the server runs takes effect there within `REFRESH_S` seconds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 PICO = 10**12
 KEY_PREFIX = "sk-shoal-"
 REFRESH_S = 5.0
+FLUSH_AFTER_S = 0.05
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -148,10 +153,53 @@ class KeyStore:
         self._db.executescript(_SCHEMA)
         self._live: dict[str, KeyState] = {}
         self.uncharged_pusd = 0
+        # Settled charges are written in one transaction FLUSH_AFTER_S after the first of them,
+        # never on a request's path (a commit is 30-150 µs, and now and then a checkpoint much
+        # more). Reads write them first.
+        self._charges: dict[str, list[int]] = {}
+        self._flushing = threading.Lock()
+        self._scheduled = False
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._db.close()
+
+    def flush(self) -> None:
+        """Write every settled charge not written yet."""
+        with self._flushing:
+            charges, self._charges = self._charges, {}
+            self._scheduled = False
+            if not charges:
+                return
+            try:
+                with self._lock:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    self._db.executemany(
+                        "UPDATE keys SET spent_pusd = spent_pusd + ?, requests = requests + ? "
+                        "WHERE id = ?",
+                        [(charged, count, key_id) for key_id, (charged, count) in charges.items()],
+                    )
+                    self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                log.error("could not record key charges: %s", exc)
+
+    def _charge(self, key_id: str, charged: int) -> None:
+        with self._flushing:
+            total = self._charges.setdefault(key_id, [0, 0])
+            total[0] += charged
+            total[1] += 1
+            if self._scheduled:
+                return
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._scheduled = True
+                loop.call_later(FLUSH_AFTER_S, self.flush)
+        if loop is None:
+            self.flush()
 
     # -- administration (the command line) -----------------------------------------------------
 
@@ -193,6 +241,7 @@ class KeyStore:
         return cursor.rowcount > 0
 
     def records(self) -> list[KeyRecord]:
+        self.flush()
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
@@ -201,6 +250,7 @@ class KeyStore:
         return [_record(row) for row in rows]
 
     def record(self, name: str) -> KeyRecord | None:
+        self.flush()
         with self._lock:
             row = self._db.execute(
                 "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
@@ -229,6 +279,7 @@ class KeyStore:
         return state
 
     def _load(self, digest: str, known: KeyState | None, now: float) -> KeyState | None:
+        self.flush()  # the spend read back must include every charge settled here
         with self._lock:
             row = self._db.execute(
                 "SELECT id, name, budget_pusd, spent_pusd, rpm, revoked FROM keys WHERE hash = ?",
@@ -312,11 +363,7 @@ class KeyStore:
                 to_usd(cost),
                 to_usd(reservation.amount_pusd),
             )
-        with self._lock:
-            self._db.execute(
-                "UPDATE keys SET spent_pusd = spent_pusd + ?, requests = requests + 1 WHERE id = ?",
-                (charged, key.id),
-            )
+        self._charge(key.id, charged)
         return charged
 
 

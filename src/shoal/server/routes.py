@@ -166,20 +166,23 @@ async def _disconnected(receive: Receive) -> None:
 async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T:
     """`await work`, cancelled (raising `ClientGone`) if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        watcher.cancel()
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        await _disconnected(receive)
+        gone = True
         task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if gone:
+            raise ClientGone from None
         raise
-    watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientGone
+    finally:
+        watcher.cancel()
 
 
 # -- headers -------------------------------------------------------------------------------------

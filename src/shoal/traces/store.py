@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -129,21 +129,31 @@ class TraceStore:
     # -- calls ---------------------------------------------------------------------------------
 
     def record_call(self, call: CallRecord) -> int:
+        with self._write() as db:
+            return self._insert(db, call)
+
+    def record_calls(self, calls: Sequence[CallRecord]) -> None:
+        """Record several calls in one transaction (one commit instead of one each)."""
+        with self._write() as db:
+            for call in calls:
+                self._insert(db, call)
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, call: CallRecord) -> int:
         values = call.model_dump(exclude={"id"})
         values["decision"] = json.dumps(values["decision"]) if values["decision"] else None
         values["cached"] = int(values["cached"])
-        with self._write() as db:
-            cursor = db.execute(
-                f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
-                f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})",
-                [values[c] for c in _CALL_COLUMNS],
+        cursor = db.execute(
+            f"INSERT INTO calls ({', '.join(_CALL_COLUMNS)}) "
+            f"VALUES ({', '.join('?' for _ in _CALL_COLUMNS)})",
+            [values[c] for c in _CALL_COLUMNS],
+        )
+        if call.run_id is not None:
+            db.execute(
+                "UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?",
+                (call.cost_usd, call.run_id),
             )
-            if call.run_id is not None:
-                db.execute(
-                    "UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?",
-                    (call.cost_usd, call.run_id),
-                )
-            return int(cursor.lastrowid or 0)
+        return int(cursor.lastrowid or 0)
 
     def calls(self, run_id: str | None = None, *, limit: int = 10_000) -> list[CallRecord]:
         query = f"SELECT id, {', '.join(_CALL_COLUMNS)} FROM calls"
