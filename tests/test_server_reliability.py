@@ -32,6 +32,8 @@ from shoal import FakeModel, Fleet, FunctionModel, TokenPrice
 from shoal.engine import Engine
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta, Usage
 from shoal.models.fake import fake_card
+from shoal.routing.base import RoutedModel
+from shoal.routing.policies import FixedRouter
 from shoal.server import create_app
 from shoal.server.app import ServerState
 from shoal.server.keys import KeyStore, partial_cost, to_pico
@@ -103,6 +105,8 @@ def engine(
     engine.add_route("slow-stream", slow_stream)
     engine.add_route("slow-call", FunctionModel(lambda r: "late", model_id="slow-call", delay_s=10))
     engine.add_route("echo", FakeModel())
+    upstream_model = engine.fleet.model("upstream")
+    engine.add_route("routed", RoutedModel("routed", FixedRouter("upstream"), [upstream_model]))
     yield engine
     asyncio.run(engine.aclose())
 
@@ -131,7 +135,8 @@ def spent(state: ServerState, name: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def app_and_url(engine: Engine, keys_path: Path) -> Iterator[tuple[Any, str]]:
-    app = create_app(engine, ServerSettings(keys_path=keys_path))
+    # The server closes the engine when it stops: its upstream connections belong to its loop.
+    app = create_app(engine, ServerSettings(keys_path=keys_path), close_engine=True)
     with serving(app) as url:
         yield app, url
 
@@ -201,6 +206,31 @@ async def test_64_concurrent_requests_never_overspend_a_key(
     assert settled == sum(to_pico(c) for c in costs) == to_pico(1.0)
     traced = [c for c in engine.traces.calls() if c.model == "priced" and c.status == "ok"]
     assert sum(to_pico(c.cost_usd) for c in traced[-25:]) == settled
+
+
+def test_a_route_reserves_and_is_charged_what_its_models_cost(
+    base_url: str, keys_path: Path, state: ServerState
+) -> None:
+    # The route's own card prices nothing; its answers are costed by the model that gave them.
+    key = make_key(keys_path, "routed", budget=1.0)
+    with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
+        reply = client.chat.completions.with_raw_response.create(
+            model="routed", messages=USER, max_tokens=16
+        )
+    cost = float(reply.headers["x-shoal-cost-usd"])
+    assert json.loads(reply.headers["x-shoal-route"])["models"] == ["upstream"]
+    assert cost == pytest.approx((5 * 1.0 + 5 * 2.0) / 1e6)
+    assert spent(state, "routed") == (to_pico(cost), 1)
+    assert state.keys is not None
+    assert state.keys.uncharged_pusd == 0
+    # A budget below what the route's models may cost is refused before the call.
+    poor = make_key(keys_path, "routed-poor", budget=1e-6)
+    with (
+        openai.OpenAI(base_url=base_url, api_key=poor, max_retries=0) as client,
+        pytest.raises(openai.APIStatusError) as caught,
+    ):
+        client.chat.completions.create(model="routed", messages=USER, max_tokens=16)
+    assert caught.value.status_code == 402
 
 
 # -- failures mid-way ------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from shoal.errors import (
     OverloadedError,
     ShoalError,
     UnknownModelError,
+    UnknownRouteError,
     WeightsCorruptedError,
 )
 from shoal.server.openai_schema import ErrorBody, ErrorDetail
@@ -86,6 +87,7 @@ RULES: tuple[Rule, ...] = (
     Rule(ContextWindowExceededError, 400, "invalid_request_error", "context_length_exceeded"),
     Rule(InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
     Rule(UnknownModelError, 404, "invalid_request_error", "model_not_found"),
+    Rule(UnknownRouteError, 404, "invalid_request_error", "model_not_found"),
     Rule(AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     Rule(BudgetExceededError, 402, "insufficient_quota", "budget_exceeded"),
     Rule(RateLimitedError, 429, "rate_limit_error", "rate_limit_exceeded"),
@@ -105,6 +107,7 @@ RULES: tuple[Rule, ...] = (
 _INTERNAL = Rule(Exception, 500, "server_error", "internal_error")
 _PARAMS: dict[type[BaseException], str] = {
     UnknownModelError: "model",
+    UnknownRouteError: "model",
     ContextWindowExceededError: "messages",
     OutputTruncatedError: "max_tokens",
 }

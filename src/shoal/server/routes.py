@@ -40,6 +40,7 @@ from starlette.types import Receive, Scope, Send
 
 from shoal.errors import BackendError, ShoalError
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta
+from shoal.models.base import worst_case_cost as card_worst_case
 from shoal.server import sse
 from shoal.server.errors import (
     MalformedRequestError,
@@ -259,6 +260,20 @@ class Call:
         )
 
 
+def worst_case_cost(state: ServerState, call: Call, model: Model) -> float:
+    """The most a call may cost, reserved before it starts.
+
+    A route's own card prices nothing (each answer is costed by the model that gave it): a route
+    that gives no bound of its own is bounded by every model of the fleet answering once, what
+    the widest cascade over them can do.
+    """
+    bound = model.worst_case_cost(call.request)
+    if bound == 0.0 and call.route is not None:
+        fleet = state.engine.fleet
+        bound = sum(card_worst_case(fleet.card(m), call.request) for m in fleet.ids)
+    return bound
+
+
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     key = state.keys.authenticate(request.headers.get("authorization")) if state.keys else None
@@ -268,7 +283,7 @@ async def chat_completions(request: Request) -> Response:
     call = Call(state, wire.model, model, chat)
     if state.keys is not None:
         state.keys.admit(key)  # type: ignore[arg-type]
-        call.reservation = state.keys.reserve(key, model.worst_case_cost(chat))
+        call.reservation = state.keys.reserve(key, worst_case_cost(state, call, model))
     if wire.stream:
         return await _stream(request, call, wire)
     state.metrics.in_flight += 1
