@@ -297,6 +297,8 @@ def test_models_lists_models_and_routes(client: openai.OpenAI, engine: Engine) -
 
 def test_health_metrics_and_openapi(client: openai.OpenAI, base_url: str) -> None:
     client.chat.completions.create(model="cheap", messages=USER)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=USER)
     root = base_url.removesuffix("/v1")
     status, _, health = raw(f"{root}/healthz", method="GET")
     assert status == 200
@@ -305,6 +307,7 @@ def test_health_metrics_and_openapi(client: openai.OpenAI, base_url: str) -> Non
         text = reply.read().decode()
     assert 'shoal_requests_total{name="cheap",route="cheap",model="tiny-fake",status="ok"}' in text
     assert 'shoal_route_decisions_total{route="cheap",model="tiny-fake",target_met="true"}' in text
+    assert 'shoal_http_errors_total{status="404",code="model_not_found"}' in text
     status, _, spec = raw(f"{root}/openapi.json", method="GET")
     assert status == 200
     assert (

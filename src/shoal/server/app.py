@@ -40,7 +40,9 @@ class ServerState:
     metrics: Metrics
 
 
-def _reply(reply: ErrorReply) -> Response:
+def _reply(reply: ErrorReply, request: Request) -> Response:
+    state: ServerState = request.app.state.shoal
+    state.metrics.error(status=reply.status, code=reply.body.error.code or "")
     return Response(
         reply.body.model_dump_json(),
         status_code=reply.status,
@@ -50,19 +52,19 @@ def _reply(reply: ErrorReply) -> Response:
 
 
 async def _shoal_error(request: Request, exc: Exception) -> Response:
-    return _reply(error_reply(exc))
+    return _reply(error_reply(exc), request)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return _reply(http_error_reply(exc.status_code, exc.detail))
+    return _reply(http_error_reply(exc.status_code, exc.detail), request)
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     # The message may quote a prompt: log the type and traceback only at debug level.
     log.error("unexpected %s answering %s", type(exc).__name__, request.url.path)
     log.debug("traceback", exc_info=exc)
-    return _reply(error_reply(exc))
+    return _reply(error_reply(exc), request)
 
 
 def create_app(

@@ -7,6 +7,7 @@ update; rendering walks them once per scrape).
     shoal_request_latency_seconds{name,route}           histogram, request to last byte
     shoal_route_decisions_total{route,model,target_met} what each route chose
     shoal_requests_in_flight                            completions being answered now
+    shoal_http_errors_total{status,code}                every error answer, before or after a call
     shoal_key_uncharged_usd_total                       cost above reservations, not charged
 
 `name` is what the client asked for (a model id or a route name), `route` the route ("" for a
@@ -49,6 +50,7 @@ class Metrics:
         self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
         self.latency: dict[tuple[str, str], Histogram] = {}
         self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.errors: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.in_flight = 0
         self.uncharged_usd = 0.0
 
@@ -76,6 +78,9 @@ class Metrics:
         if histogram is None:
             histogram = self.latency[(name, route)] = Histogram()
         histogram.observe(latency_s)
+
+    def error(self, *, status: int, code: str) -> None:
+        self.errors[(str(status), code)] += 1
 
     def decision(self, *, route: str, model: str, target_met: bool) -> None:
         self.decisions[(route, model, "true" if target_met else "false")] += 1
@@ -114,6 +119,8 @@ class Metrics:
         samples(
             "shoal_route_decisions_total", ("route", "model", "target_met"), self.decisions.items()
         )
+        family("shoal_http_errors_total", "counter", "Error answers, by status and code.")
+        samples("shoal_http_errors_total", ("status", "code"), self.errors.items())
         family("shoal_requests_in_flight", "gauge", "Completions being answered now.")
         lines.append(f"shoal_requests_in_flight {self.in_flight}")
         family("shoal_key_uncharged_usd_total", "counter", "Cost above reservations, not charged.")
