@@ -5,6 +5,8 @@ Served at `/openapi.json`; the names the server answers to are listed as example
 
 from __future__ import annotations
 
+import copy
+from functools import cache
 from typing import Any
 
 from pydantic import BaseModel
@@ -31,6 +33,7 @@ _ERRORS = {
 }
 
 
+@cache
 def _schemas() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], Any]] = [
         (ChatCompletionRequest, "validation"),
@@ -51,7 +54,7 @@ def _error(text: str) -> dict[str, Any]:
 
 
 def openapi_spec(*, names: list[str], auth: bool) -> dict[str, Any]:
-    schemas = _schemas()
+    schemas = copy.deepcopy(_schemas())
     model_field = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_field["examples"] = names
     security: list[dict[str, list[str]]] = [{"bearer": []}] if auth else []
