@@ -400,3 +400,14 @@ def route_explain(
         out.print(f"\nanswer from {response.model}: {response.text}", markup=False)
         tried = ", ".join(a.model for a in response.attempts) or "none"
         out.print(f"escalated from: {tried}; total cost ${response.total_cost_usd:.6f}")
+
+
+@route_app.command("setup")
+def route_setup(fleet_file: FleetOption = None) -> None:
+    """Convert the MiniLM embedder to GGUF once (checked against torch) into the cache."""
+    from shoal.cli.main import _fleet, _guard
+    from shoal.models.embedder import ensure_gguf
+
+    fleet = _fleet(fleet_file)
+    path = _guard(partial(ensure_gguf, fleet.cache_dir))
+    out.print(f"MiniLM embedder ready: {path}")

@@ -225,10 +225,11 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     marked = re.search(r"answer\s*(?:is)?\s*[:\-]?\s*\(?([A-Z])\b", body, re.IGNORECASE)
     if marked and marked.group(1).upper() in letters:
         return marked.group(1).upper()
+    found = set(re.findall(rf"\b([{letters}])\b", body))
     lead = re.match(r"^\(?([A-Za-z])(?:[).:\s]|$)", body)
     if lead and lead.group(1).upper() in letters and (lead.group(1).isupper() or len(body) <= 3):
-        return lead.group(1).upper()
-    found = {m for m in re.findall(rf"\b([{letters}])\b", body)}
+        letter = lead.group(1).upper()
+        return letter if found <= {letter} else None  # "A or B" names no single answer
     return found.pop() if len(found) == 1 else None
 
 

@@ -198,7 +198,7 @@ class MLPPredictor(Predictor):
 
     kind = "mlp"
 
-    def __init__(self, hidden: int = 64, l2: float = 1e-3, steps: int = 400, seed: int = 0) -> None:
+    def __init__(self, hidden: int = 64, l2: float = 1e-3, steps: int = 200, seed: int = 0) -> None:
         self.hidden, self.l2, self.steps, self.seed = hidden, l2, steps, seed
 
     def fit(self, x: Array, y: Array) -> MLPPredictor:
@@ -209,7 +209,7 @@ class MLPPredictor(Predictor):
         self.w2 = rng.normal(0, 1 / math.sqrt(self.hidden), (self.hidden, y.shape[1]))
         prior = np.clip(y.mean(axis=0), 1e-3, 1 - 1e-3)
         self.b2 = np.log(prior / (1 - prior))
-        opt = _Adam([self.w1, self.b1, self.w2, self.b2], 0.01)
+        opt = _Adam([self.w1, self.b1, self.w2, self.b2], 0.02)
         for _ in range(self.steps):
             h = np.maximum(x @ self.w1 + self.b1, 0.0)
             err = (_sigmoid(h @ self.w2 + self.b2) - y) / n
