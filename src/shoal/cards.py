@@ -74,9 +74,38 @@ class ModelCard(_Data):
     price: Price = Field(discriminator="kind")
     capabilities: frozenset[str] = frozenset()
     measured: Measured | None = None
+    prompt_tok_s: float | None = Field(default=None, gt=0, description="expected prompt speed")
+    gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
 
     def cost(self, usage: Usage, compute_s: float) -> float:
         return self.price.cost(usage, compute_s)
+
+    def expected_seconds(self, input_tokens: int, output_tokens: int) -> float:
+        """Compute time for a call of this size, from measured (else expected) speeds."""
+        prompt = self.measured.prompt_tok_s if self.measured else self.prompt_tok_s
+        gen = self.measured.gen_tok_s if self.measured else self.gen_tok_s
+        if self.runs == "api" and (prompt is None or gen is None):
+            return 0.5 + output_tokens / 50.0  # a typical hosted model, when nothing is measured
+        return input_tokens / (prompt or _SLOWEST_PROMPT) + output_tokens / (gen or _SLOWEST_GEN)
+
+    def worst_case_cost(self, input_tokens: int, output_tokens: int) -> float:
+        """The most a call with at most these token counts can cost.
+
+        Exact for token prices. For a host-priced local model, the expected compute time with a
+        margin of `LOCAL_COST_MARGIN` for a busy machine.
+        """
+        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        if isinstance(self.price, TokenPrice):
+            return self.price.cost(usage, 0.0)
+        seconds = self.expected_seconds(input_tokens, output_tokens) * LOCAL_COST_MARGIN
+        return self.price.cost(usage, seconds)
+
+
+# Speeds assumed for a local model nothing is known about (a slow CPU, a 7B model).
+_SLOWEST_PROMPT = 20.0
+_SLOWEST_GEN = 2.0
+# A local call's worst case is this many times its expected compute time.
+LOCAL_COST_MARGIN = 3.0
 
 
 class PublishedPrice(_Data):

@@ -12,10 +12,10 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shoal.errors import ConfigError, ShoalError, UnknownModelError, UnknownRouteError
+from shoal.errors import ConfigError, OutputError, ShoalError, UnknownModelError, UnknownRouteError
 from shoal.fleet import Fleet
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent
-from shoal.models.base import Model
+from shoal.models.base import Model, expected_latency, worst_case_cost
 from shoal.traces.store import CallRecord, TraceStore
 
 log = logging.getLogger(__name__)
@@ -201,20 +201,70 @@ class Engine:
         step: str | None,
         item: str | None,
     ) -> None:
+        """Trace a failed call; an answer in the wrong form was still computed and is costed."""
+        done = exc.response if isinstance(exc, OutputError) else None
+        if done is not None:
+            for attempt in done.attempts:
+                self.record(
+                    attempt,
+                    started=started,
+                    route=self._route(name),
+                    run_id=run_id,
+                    step=step,
+                    item=item,
+                )
         self.traces.record_call(
             CallRecord(
-                model=name,
+                model=done.model if done else name,
                 status="error",
                 error=f"{type(exc).__name__}: {exc}",
                 route=self._route(name),
                 run_id=run_id,
                 step=step,
                 item=item,
+                input_tokens=done.usage.input_tokens if done else 0,
+                output_tokens=done.usage.output_tokens if done else 0,
                 latency_s=time.time() - started,
+                compute_s=done.compute_s if done else 0.0,
+                cost_usd=done.cost_usd if done else 0.0,
                 started_at=started,
                 finished_at=time.time(),
             )
         )
+
+    # -- the pipeline runner's view (shoal.pipeline.run.Caller) ---------------------------------
+
+    async def call(
+        self, model: str, request: ChatRequest, *, run_id: str | None, step: str, item: str | None
+    ) -> ChatResponse:
+        return await self.generate(model, request, run_id=run_id, step=step, item=item)
+
+    def record_cached(
+        self, response: ChatResponse, *, run_id: str | None, step: str, item: str | None
+    ) -> None:
+        self.record(response, started=time.time(), run_id=run_id, step=step, item=item, cached=True)
+
+    def worst_case_cost(self, name: str, request: ChatRequest) -> float:
+        if name in self._routes:
+            return self._routes[name].worst_case_cost(request)
+        return worst_case_cost(self.fleet.card(name), request)
+
+    def expected_latency(self, name: str, request: ChatRequest) -> float:
+        if name in self._routes:
+            return self._routes[name].expected_latency(request)
+        return expected_latency(self.fleet.card(name), request)
+
+    def cheaper(self, name: str) -> str | None:
+        """The model of the fleet that costs most while still less than `name` for a typical
+        call: what a run degrades to when money or time runs low."""
+        typical = ChatRequest.of("x" * 2000, max_tokens=200)
+        ceiling = self.worst_case_cost(name, typical)
+        below = [
+            (self.worst_case_cost(m, typical), m)
+            for m in self.fleet.ids
+            if m != name and self.worst_case_cost(m, typical) < ceiling
+        ]
+        return max(below)[1] if below else None
 
     async def aclose(self) -> None:
         for route in self._routes.values():

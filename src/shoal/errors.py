@@ -23,6 +23,10 @@ Boundaries (adapters, server, CLI) map foreign exceptions into this tree with `r
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shoal.messages import ChatResponse
 
 
 class ShoalError(Exception):
@@ -78,8 +82,12 @@ class ContextWindowExceededError(InvalidRequestError):
 
 
 class OutputError(ShoalError):
-    def __init__(self, message: str, *, text: str) -> None:
+    """`text` is what the model wrote; `response` (when known) carries its usage and cost, since
+    the work was done and paid for."""
+
+    def __init__(self, message: str, *, text: str, response: ChatResponse | None = None) -> None:
         self.text = text
+        self.response = response
         super().__init__(message)
 
 

@@ -95,6 +95,8 @@ class Fleet:
                 price=HostPrice(per_hour=self.settings.host_price_per_hour),
                 capabilities=frozenset({"stream", "logprobs", "json_schema"}),
                 measured=measured,
+                prompt_tok_s=spec.prompt_tok_s,
+                gen_tok_s=spec.gen_tok_s,
             )
         table = published_prices().models.get(spec.upstream_model)
         price = spec.price or (table.price if table else None)

@@ -51,6 +51,7 @@ class GGUFModelSpec(_Spec):
     batch: int = Field(default=512, ge=1)
     max_queue: int = Field(default=64, ge=1, description="calls that may wait for the model")
     gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
+    prompt_tok_s: float | None = Field(default=None, gt=0, description="expected prompt speed")
 
     @model_validator(mode="after")
     def _one_source(self) -> GGUFModelSpec:
@@ -87,7 +88,6 @@ class OpenAIModelSpec(_Spec):
 ModelSpec = Annotated[GGUFModelSpec | OpenAIModelSpec, Field(discriminator="kind")]
 
 
-class FleetSettings(_Spec):
 # -- routes (built by shoal.routing.config) -------------------------------------------------------
 
 RouteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)]
@@ -157,12 +157,13 @@ RouteSpec = Annotated[
 ]
 
 
+class FleetSettings(_Spec):
     host_price_per_hour: float = Field(default=DEFAULT_HOST_PRICE_PER_HOUR, ge=0.0)
     include_default: bool = True
     cache_dir: Path | None = None
     models: tuple[ModelSpec, ...] = ()
-
     routes: tuple[RouteSpec, ...] = ()
+
     @model_validator(mode="after")
     def _unique_ids(self) -> FleetSettings:
         seen: set[str] = set()
@@ -170,11 +171,11 @@ RouteSpec = Annotated[
             if spec.id in seen:
                 raise ValueError(f"model id {spec.id!r} is listed twice")
             seen.add(spec.id)
-        return self
         for route in self.routes:
             if route.name in seen:
                 raise ValueError(f"route name {route.name!r} is already a model id or route")
             seen.add(route.name)
+        return self
 
 
 class ServerSettings(_Spec):

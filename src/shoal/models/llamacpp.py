@@ -334,9 +334,10 @@ class LlamaCppModel(Model):
         yield Completed(response=self._finish(request, response, called))
 
     def _finish(self, request: ChatRequest, response: ChatResponse, called: float) -> ChatResponse:
+        response = response.model_copy(update={"latency_s": time.perf_counter() - called})
         if request.wants_json:
-            check_json(self.id, request, response.text, response.finish_reason)
-        return response.model_copy(update={"latency_s": time.perf_counter() - called})
+            check_json(request, response)
+        return response
 
 
 def _swallow(job: asyncio.Future[Any]) -> None:

@@ -224,9 +224,7 @@ class OpenAICompatModel(Model):
             raise BackendError(f"{self.id}: response has no choices[0].message") from exc
         finish = _finish(choice.get("finish_reason"))
         usage = _usage(data.get("usage")) or Usage()
-        if request.wants_json:
-            check_json(self.id, request, text, finish)
-        return ChatResponse(
+        response = ChatResponse(
             model=self.id,
             text=text,
             finish_reason=finish,
@@ -237,6 +235,9 @@ class OpenAICompatModel(Model):
             cost_usd=self.card.cost(usage, latency),
             logprobs=parse_logprobs(choice.get("logprobs")) if request.logprobs else None,
         )
+        if request.wants_json:
+            check_json(request, response)
+        return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         session, slots = self._bind()
@@ -291,22 +292,21 @@ class OpenAICompatModel(Model):
             log.warning("%s: stream carried no usage; token counts are estimated", self.id)
             prompt_chars = sum(len(m.content) for m in request.messages)
             usage = Usage(input_tokens=-(-prompt_chars // 4), output_tokens=chunks)
-        if request.wants_json:
-            check_json(self.id, request, text, finish)
-        yield Completed(
-            response=ChatResponse(
-                model=self.id,
-                text=text,
-                finish_reason=finish,
-                usage=usage,
-                latency_s=latency,
-                compute_s=latency,
-                ttft_s=ttft,
-                cost_usd=self.card.cost(usage, latency),
-                logprobs=tuple(logprobs) if request.logprobs else None,
-                usage_estimated=estimated,
-            )
+        response = ChatResponse(
+            model=self.id,
+            text=text,
+            finish_reason=finish,
+            usage=usage,
+            latency_s=latency,
+            compute_s=latency,
+            ttft_s=ttft,
+            cost_usd=self.card.cost(usage, latency),
+            logprobs=tuple(logprobs) if request.logprobs else None,
+            usage_estimated=estimated,
         )
+        if request.wants_json:
+            check_json(request, response)
+        yield Completed(response=response)
 
 
 def _abandon(session: aiohttp.ClientSession) -> None:

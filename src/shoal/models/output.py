@@ -12,21 +12,26 @@ from typing import Any
 import jsonschema
 
 from shoal.errors import OutputInvalidError, OutputTruncatedError
-from shoal.messages import ChatRequest, FinishReason
+from shoal.messages import ChatRequest, ChatResponse
 
 
-def check_json(model_id: str, request: ChatRequest, text: str, finish: FinishReason) -> Any:
-    """Parse and validate a JSON answer; returns the parsed value."""
-    if finish == "length":
+def check_json(request: ChatRequest, response: ChatResponse) -> Any:
+    """Parse and validate a JSON answer; returns the parsed value. The errors carry the response,
+    so the call is still costed."""
+    model_id, text = response.model, response.text
+    if response.finish_reason == "length":
         raise OutputTruncatedError(
             f"{model_id}: max_tokens={request.max_tokens} cut the JSON output short; "
             "raise max_tokens or tighten the schema",
             text=text,
+            response=response,
         )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise OutputInvalidError(f"{model_id}: output is not valid JSON: {exc}", text=text) from exc
+        raise OutputInvalidError(
+            f"{model_id}: output is not valid JSON: {exc}", text=text, response=response
+        ) from exc
     if request.json_schema is not None:
         try:
             jsonschema.validate(value, request.json_schema)
@@ -35,5 +40,7 @@ def check_json(model_id: str, request: ChatRequest, text: str, finish: FinishRea
                 f"{model_id}: output does not match the schema: {exc.message}", text=text
             ) from exc
     elif not isinstance(value, dict):
-        raise OutputInvalidError(f"{model_id}: expected a JSON object", text=text)
+        raise OutputInvalidError(
+            f"{model_id}: expected a JSON object", text=text, response=response
+        )
     return value

@@ -1,0 +1,1 @@
+"""Pipelines: typed steps over models and plain Python, run within a budget and a deadline."""

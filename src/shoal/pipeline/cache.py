@@ -1,0 +1,50 @@
+"""A content-addressed cache of model answers, on disk (SQLite).
+
+The key is a hash of the model name and the full request, so only identical calls hit. A hit
+costs nothing and is traced as cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from pathlib import Path
+
+from shoal.messages import ChatRequest, ChatResponse
+
+
+def cache_key(model: str, request: ChatRequest) -> str:
+    payload = model + "\0" + request.model_dump_json()
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    def __init__(self, path: str | Path) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, response TEXT NOT NULL)"
+        )
+
+    def get(self, model: str, request: ChatRequest) -> ChatResponse | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT response FROM answers WHERE key = ?", (cache_key(model, request),)
+            ).fetchone()
+        return ChatResponse.model_validate_json(row[0]) if row else None
+
+    def put(self, model: str, request: ChatRequest, response: ChatResponse) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers (key, response) VALUES (?, ?)",
+                (cache_key(model, request), response.model_dump_json()),
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

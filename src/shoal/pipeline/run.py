@@ -1,0 +1,527 @@
+"""Running a pipeline: steps as soon as their inputs are ready, within a budget and a deadline.
+
+The runner knows nothing about models. Model steps go through a `Caller` (the engine is one),
+which makes the call, prices its worst case, and names a cheaper or faster stand-in when money
+or time runs low.
+
+Budget: before a call starts, its worst-case cost is reserved; a call whose reservation does not
+fit the budget left is degraded to a cheaper model, or the run stops with a partial result. The
+reservation is settled to the actual cost when the call ends (kept whole when the call failed
+after doing work), so concurrent fan-out never spends past the budget as long as no call costs
+more than its worst case. Deadline: the whole run is bounded; a call expected to take longer
+than the time left is degraded to a faster model or not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from shoal.errors import (
+    BackendUnavailableError,
+    OutputError,
+    OutputTruncatedError,
+    OverloadedError,
+    ShoalError,
+)
+from shoal.messages import ChatRequest, ChatResponse, Message
+from shoal.pipeline.cache import ResponseCache
+from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep, Step
+from shoal.traces.store import TraceStore
+
+log = logging.getLogger(__name__)
+
+
+class Caller(Protocol):
+    """How the runner reaches models (the engine implements it)."""
+
+    async def call(
+        self, model: str, request: ChatRequest, *, run_id: str | None, step: str, item: str | None
+    ) -> ChatResponse: ...
+
+    def record_cached(
+        self, response: ChatResponse, *, run_id: str | None, step: str, item: str | None
+    ) -> None: ...
+
+    def worst_case_cost(self, model: str, request: ChatRequest) -> float: ...
+
+    def expected_latency(self, model: str, request: ChatRequest) -> float: ...
+
+    def cheaper(self, model: str) -> str | None: ...
+
+
+class BudgetExhausted(ShoalError):
+    """No model the step may use fits in the budget left."""
+
+
+class DeadlineReached(ShoalError):
+    """No model the step may use can answer in the time left."""
+
+
+class StepFailed(ShoalError):
+    pass
+
+
+class Budget:
+    """Reservations against a limit. Reserve and settle are synchronous, so on one event loop
+    they are atomic: concurrent calls cannot both take the last cent."""
+
+    def __init__(self, limit_usd: float | None) -> None:
+        self.limit_usd = limit_usd
+        self.spent_usd = 0.0
+        self.reserved_usd = 0.0
+
+    @property
+    def left_usd(self) -> float:
+        if self.limit_usd is None:
+            return float("inf")
+        return self.limit_usd - self.spent_usd - self.reserved_usd
+
+    def reserve(self, amount: float) -> bool:
+        if amount > self.left_usd + 1e-15:
+            return False
+        self.reserved_usd += amount
+        return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.reserved_usd -= reserved
+        self.spent_usd += actual
+
+
+RunStatus = Literal["ok", "partial", "failed"]
+
+
+class StepOutcome(BaseModel):
+    name: str
+    status: Literal["ok", "partial", "failed", "skipped"]
+    error: str | None = None
+    items: int = 0
+    items_failed: int = 0
+    cost_usd: float = 0.0
+    calls: int = 0
+    cached: int = 0
+    wall_s: float = 0.0
+    degraded: list[str] = []
+
+
+class RunResult(BaseModel):
+    run_id: str | None
+    pipeline: str
+    status: RunStatus
+    stop_reason: str | None = None
+    output: Any = None
+    values: dict[str, Any] = {}
+    steps: dict[str, StepOutcome] = {}
+    cost_usd: float = 0.0
+    budget_usd: float | None = None
+    deadline_s: float | None = None
+    wall_s: float = 0.0
+
+
+@dataclass
+class RunEvent:
+    kind: Literal["step_started", "item_done", "step_done", "run_done"]
+    step: str | None = None
+    items: int = 0
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+OnEvent = Callable[[RunEvent], None]
+
+
+@dataclass
+class _StepState:
+    outcome: StepOutcome
+    started: float = 0.0
+
+
+class Runner:
+    def __init__(
+        self,
+        caller: Caller,
+        *,
+        traces: TraceStore | None = None,
+        cache: ResponseCache | None = None,
+        concurrency: int = 8,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.caller = caller
+        self.traces = traces
+        self.cache = cache
+        self.concurrency = concurrency
+        self.backoff_s = backoff_s
+
+    async def run(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Any],
+        *,
+        budget_usd: float | None = None,
+        deadline_s: float | None = None,
+        on_event: OnEvent | None = None,
+    ) -> RunResult:
+        missing = [name for name in pipeline.inputs if name not in inputs]
+        if missing:
+            from shoal.pipeline.graph import PipelineError
+
+            raise PipelineError(
+                f"pipeline {pipeline.name!r}: missing input(s) {', '.join(missing)}"
+            )
+        run = _Run(self, pipeline, dict(inputs), Budget(budget_usd), deadline_s, on_event)
+        return await run.execute()
+
+
+class _Run:
+    def __init__(
+        self,
+        runner: Runner,
+        pipeline: Pipeline,
+        inputs: dict[str, Any],
+        budget: Budget,
+        deadline_s: float | None,
+        on_event: OnEvent | None,
+    ) -> None:
+        self.runner = runner
+        self.pipeline = pipeline
+        self.values: dict[str, Any] = dict(inputs)
+        self.budget = budget
+        self.deadline_s = deadline_s
+        self.on_event = on_event or (lambda event: None)
+        self.slots = asyncio.Semaphore(runner.concurrency)
+        self.states = {
+            name: _StepState(StepOutcome(name=name, status="skipped")) for name in pipeline.steps
+        }
+        self.started = 0.0
+        self.run_id: str | None = None
+        self.stop_reason: str | None = None
+        self.budget_or_deadline_hit = False
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def time_left(self) -> float:
+        if self.deadline_s is None:
+            return float("inf")
+        return self.deadline_s - (time.monotonic() - self.started)
+
+    async def execute(self) -> RunResult:
+        traces = self.runner.traces
+        if traces is not None:
+            self.run_id = traces.start_run(
+                self.pipeline.name, budget_usd=self.budget.limit_usd, deadline_s=self.deadline_s
+            )
+        self.started = time.monotonic()
+        tasks: dict[str, asyncio.Task[None]] = {}
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                for name in self.pipeline.order:
+                    tasks[name] = asyncio.ensure_future(self._step(name, tasks))
+                await asyncio.gather(*tasks.values())
+        except TimeoutError:
+            self.stop_reason = f"deadline of {self.deadline_s:g} s reached"
+            self.budget_or_deadline_hit = True
+        finally:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return self._result()
+
+    def _result(self) -> RunResult:
+        outcomes = {name: state.outcome for name, state in self.states.items()}
+        failed = [o for o in outcomes.values() if o.status == "failed"]
+        output_ready = self.pipeline.output in self.values
+        if self.stop_reason is None and failed:
+            first = failed[0]
+            self.stop_reason = f"step {first.name!r} failed: {first.error}"
+        if output_ready and all(o.status == "ok" for o in outcomes.values()):
+            status: RunStatus = "ok"
+        elif output_ready or self.budget_or_deadline_hit:
+            status = "partial"  # an answer with gaps, or stopped by money or time
+        else:
+            status = "failed"
+        result = RunResult(
+            run_id=self.run_id,
+            pipeline=self.pipeline.name,
+            status=status,
+            stop_reason=self.stop_reason,
+            output=_plain(self.values.get(self.pipeline.output)),
+            values={k: _plain(v) for k, v in self.values.items() if k in self.pipeline.steps},
+            steps=outcomes,
+            cost_usd=self.budget.spent_usd,
+            budget_usd=self.budget.limit_usd,
+            deadline_s=self.deadline_s,
+            wall_s=time.monotonic() - self.started,
+        )
+        if self.runner.traces is not None and self.run_id is not None:
+            self.runner.traces.finish_run(
+                self.run_id,
+                status,
+                {
+                    "stop_reason": self.stop_reason,
+                    "steps": {k: v.model_dump() for k, v in outcomes.items()},
+                    "wall_s": result.wall_s,
+                    "output": result.output,
+                },
+            )
+        self.on_event(RunEvent("run_done", detail={"status": status}))
+        return result
+
+    async def _step(self, name: str, tasks: dict[str, asyncio.Task[None]]) -> None:
+        step = self.pipeline.steps[name]
+        deps = [tasks[d] for d in step.inputs if d in self.pipeline.steps]
+        if deps:
+            await asyncio.gather(*deps, return_exceptions=True)
+        blocked = [d for d in step.inputs if d in self.pipeline.steps and d not in self.values]
+        state = self.states[name]
+        if blocked:
+            state.outcome.error = f"needs {', '.join(blocked)}, which did not finish"
+            return
+        if self.stop_reason is not None:
+            state.outcome.error = f"not started: {self.stop_reason}"
+            return
+        state.started = time.monotonic()
+        args = {source: self.values[source] for source in step.inputs}
+        items = list(args[step.map_over]) if step.map_over else [None]
+        state.outcome.items = len(items)
+        self.on_event(RunEvent("step_started", name, items=len(items)))
+        try:
+            if step.map_over is None:
+                self.values[name] = await self._one(step, args, None, None)
+            else:
+                results = await asyncio.gather(
+                    *(self._one(step, args, item, str(i)) for i, item in enumerate(items)),
+                    return_exceptions=True,
+                )
+                kept = []
+                for result in results:
+                    if isinstance(result, BaseException):
+                        if not isinstance(result, Exception):
+                            raise result
+                        state.outcome.items_failed += 1
+                        state.outcome.error = f"{type(result).__name__}: {result}"
+                        self._note_stop(result)
+                    else:
+                        kept.append(result)
+                if items and not kept and not step.optional:
+                    raise StepFailed(f"every item failed; the last: {state.outcome.error}")
+                self.values[name] = kept
+            state.outcome.status = "partial" if state.outcome.items_failed else "ok"
+        except Exception as exc:
+            state.outcome.error = f"{type(exc).__name__}: {exc}"
+            self._note_stop(exc)
+            if step.optional:
+                self.values[name] = None
+                state.outcome.status = "partial"
+            else:
+                state.outcome.status = "failed"
+        finally:
+            state.outcome.wall_s = time.monotonic() - state.started
+            self.on_event(
+                RunEvent(
+                    "step_done", name, items=len(items), detail={"status": state.outcome.status}
+                )
+            )
+
+    def _note_stop(self, exc: BaseException) -> None:
+        if isinstance(exc, BudgetExhausted | DeadlineReached):
+            self.budget_or_deadline_hit = True
+            if self.stop_reason is None:
+                self.stop_reason = str(exc)
+
+    async def _one(self, step: Step, args: dict[str, Any], item: Any, key: str | None) -> Any:
+        async with self.slots:
+            if isinstance(step, PythonStep):
+                call_args = {k: v for k, v in args.items() if k in step.inputs}
+                if step.map_over is not None:
+                    call_args.pop(step.map_over, None)
+                    call_args["item"] = item
+                value = step.fn(**call_args)
+                if isinstance(value, Awaitable):
+                    value = await value
+            else:
+                value = await self._model_step(step, args, item, key)
+        self.on_event(RunEvent("item_done", step.name))
+        return value
+
+    # -- model steps ---------------------------------------------------------------------------
+
+    def _request(self, step: ModelStep, args: dict[str, Any], item: Any) -> ChatRequest:
+        fields = {k: _render(v) for k, v in args.items()}
+        if step.map_over is not None:
+            fields["item"] = _render(item)
+        messages = []
+        if step.system:
+            messages.append(Message(role="system", content=step.system))
+        messages.append(Message(role="user", content=step.prompt.format(**fields)))
+        return ChatRequest(
+            messages=tuple(messages),
+            max_tokens=step.max_tokens,
+            temperature=step.temperature,
+            json_schema=step.output.model_json_schema() if step.output else None,
+        )
+
+    async def _model_step(
+        self, step: ModelStep, args: dict[str, Any], item: Any, key: str | None
+    ) -> Any:
+        request = self._request(step, args, item)
+        model = step.model
+        outcome = self.states[step.name].outcome
+        attempt = 0
+        while True:
+            model = self._affordable(step, model, request)
+            try:
+                response = await self._call(step, model, request, key)
+            except OutputTruncatedError:
+                if attempt >= step.retries:
+                    raise
+                attempt += 1
+                request = request.model_copy(update={"max_tokens": request.max_tokens * 2})
+                continue
+            except OutputError as exc:
+                if attempt >= step.retries:
+                    raise
+                attempt += 1
+                request = _with_correction(request, exc)
+                continue
+            except ShoalError as exc:
+                if exc.retryable and attempt < step.retries:
+                    attempt += 1
+                    await asyncio.sleep(self.runner.backoff_s * 2 ** (attempt - 1))
+                    continue
+                if step.fallback is not None and model != step.fallback:
+                    outcome.degraded.append(
+                        f"{model} failed ({type(exc).__name__}): fell back to {step.fallback}"
+                    )
+                    model, attempt = step.fallback, 0
+                    continue
+                raise
+            if step.output is None:
+                return response.text
+            try:
+                return _parse(step.output, response.text)
+            except ValueError as exc:
+                if attempt >= step.retries:
+                    raise StepFailed(
+                        f"step {step.name!r}: output does not fit its schema: {exc}"
+                    ) from exc
+                attempt += 1
+                request = _with_correction(request, exc)
+
+    def _affordable(self, step: ModelStep, model: str, request: ChatRequest) -> str:
+        """`model`, or the first cheaper/faster stand-in that fits the budget and time left."""
+        caller = self.runner.caller
+        tried = []
+        candidate: str | None = model
+        while candidate is not None:
+            fits_time = caller.expected_latency(candidate, request) <= self.time_left()
+            fits_money = caller.worst_case_cost(candidate, request) <= self.budget.left_usd
+            if fits_time and fits_money:
+                if candidate != model:
+                    low = (
+                        "money" if not _fits_money(caller, model, request, self.budget) else "time"
+                    )
+                    self.states[step.name].outcome.degraded.append(
+                        f"{model} -> {candidate} ({low} running low)"
+                    )
+                return candidate
+            tried.append(candidate)
+            candidate = caller.cheaper(candidate)
+        if caller.worst_case_cost(tried[-1], request) > self.budget.left_usd:
+            raise BudgetExhausted(
+                f"budget exhausted: ${self.budget.left_usd:.6f} left, not enough for "
+                f"{' or '.join(tried)}"
+            )
+        raise DeadlineReached(
+            f"deadline near: {self.time_left():.1f} s left, too little for {' or '.join(tried)}"
+        )
+
+    async def _call(
+        self, step: ModelStep, model: str, request: ChatRequest, key: str | None
+    ) -> ChatResponse:
+        caller = self.runner.caller
+        outcome = self.states[step.name].outcome
+        cache = self.runner.cache
+        if cache is not None and (hit := cache.get(model, request)) is not None:
+            outcome.cached += 1
+            outcome.calls += 1
+            caller.record_cached(hit, run_id=self.run_id, step=step.name, item=key)
+            return hit
+        reserved = caller.worst_case_cost(model, request)
+        if not self.budget.reserve(reserved):
+            raise BudgetExhausted(f"budget exhausted: ${self.budget.left_usd:.6f} left")
+        spent = reserved
+        try:
+            response = await caller.call(
+                model, request, run_id=self.run_id, step=step.name, item=key
+            )
+            spent = response.total_cost_usd
+        except OutputError as exc:
+            if exc.response is not None:  # answered in the wrong form: the work is paid for
+                spent = exc.response.total_cost_usd
+            raise
+        except (BackendUnavailableError, OverloadedError):
+            spent = 0.0  # refused before any work was done
+            raise
+        finally:
+            self.budget.settle(reserved, spent)
+            outcome.cost_usd += spent
+            outcome.calls += 1
+        if cache is not None:
+            cache.put(model, request, response)
+        return response
+
+
+def _fits_money(caller: Caller, model: str, request: ChatRequest, budget: Budget) -> bool:
+    return caller.worst_case_cost(model, request) <= budget.left_usd
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return value.model_dump_json(indent=1)
+    if isinstance(value, list | dict | tuple):
+        return json.dumps(_plain(value), indent=1)
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+
+
+def _parse(schema: type[BaseModel], text: str) -> BaseModel:
+    """Validate JSON output; repair the common slips (prose around the object) once."""
+    try:
+        return schema.model_validate_json(text)
+    except ValidationError as first:
+        found = _OBJECT.search(text)
+        if found and found.group(0) != text:
+            try:
+                return schema.model_validate_json(found.group(0))
+            except ValidationError:
+                pass
+        raise ValueError(
+            str(first).splitlines()[0] + ": " + str(first.errors()[0]["msg"])
+        ) from first
+
+
+def _with_correction(request: ChatRequest, problem: Exception) -> ChatRequest:
+    note = Message(
+        role="user",
+        content=f"Your previous answer was not valid ({problem}). Answer again, in valid JSON.",
+    )
+    return request.model_copy(update={"messages": (*request.messages, note)})

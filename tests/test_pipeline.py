@@ -1,0 +1,463 @@
+"""Pipelines: validation, orchestration, budget, deadline, retries, fallback, cache, traces."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
+
+from shoal import BackendError, ChatRequest, FunctionModel, TokenPrice
+from shoal.engine import Engine
+from shoal.fleet import Fleet
+from shoal.pipeline.cache import ResponseCache
+from shoal.pipeline.graph import ModelStep, Pipeline, PipelineError, PythonStep
+from shoal.pipeline.run import Runner
+from shoal.pipeline.spec import dump_yaml, load_yaml
+from shoal.traces.store import TraceStore
+
+# One token costs a micro-dollar in and two out: budgets are easy to reason about.
+PRICE = TokenPrice(input_per_mtok=1.0, output_per_mtok=2.0)
+
+
+class Verdict(BaseModel):
+    score: int
+    reason: str
+
+
+def shout(text: str) -> str:
+    return text.upper()
+
+
+def count(loud: list[str]) -> int:
+    return len(loud)
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+def first_score(score: list[Verdict]) -> int:
+    return score[0].score
+
+
+def engine_with(tmp_path: Path, **models: FunctionModel) -> Engine:
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    for name, model in models.items():
+        engine.add_route(name, model)
+    return engine
+
+
+def echo(delay_s: float = 0.0, model_id: str = "echo") -> FunctionModel:
+    return FunctionModel(
+        lambda r: r.messages[-1].content, model_id=model_id, price=PRICE, delay_s=delay_s
+    )
+
+
+def judge(model_id: str = "judge", delay_s: float = 0.0) -> FunctionModel:
+    return FunctionModel(
+        lambda r: json.dumps({"score": len(r.messages[-1].content) % 10, "reason": "ok"}),
+        model_id=model_id,
+        price=PRICE,
+        delay_s=delay_s,
+    )
+
+
+# -- validation before anything runs ----------------------------------------------------------
+
+
+def test_cycles_are_rejected() -> None:
+    with pytest.raises(PipelineError, match=r"cycle: (a -> b -> a|b -> a -> b)"):
+        Pipeline(
+            "loop",
+            inputs=["x"],
+            steps=[
+                ModelStep("a", prompt="{b}", model="m", inputs=("b",)),
+                ModelStep("b", prompt="{a}", model="m", inputs=("a",)),
+            ],
+            output="a",
+        )
+
+
+def test_missing_inputs_and_unknown_template_fields_are_rejected() -> None:
+    with pytest.raises(PipelineError) as caught:
+        Pipeline(
+            "broken",
+            inputs=["text"],
+            steps=[
+                ModelStep("a", prompt="{text} {colour}", model="m", inputs=("text", "nowhere")),
+                ModelStep("a", prompt="x", model="m"),
+            ],
+            output="zzz",
+        )
+    message = str(caught.value)
+    assert "reads 'nowhere'" in message
+    assert "{colour}" in message
+    assert "'a' is defined twice" in message
+    assert "output 'zzz'" in message
+
+
+def test_python_steps_must_take_their_inputs() -> None:
+    with pytest.raises(PipelineError) as caught:
+        Pipeline(
+            "params",
+            inputs=["text", "other"],
+            steps=[PythonStep("loud", shout, inputs=("other",))],
+            output="loud",
+        )
+    assert "shout() has no parameter 'other'" in str(caught.value)
+    assert "nothing feeds parameter 'text'" in str(caught.value)
+
+
+def test_schema_mismatches_are_rejected() -> None:
+    with pytest.raises(PipelineError, match="produces str, the parameter wants list"):
+        Pipeline(
+            "types",
+            inputs=["text"],
+            steps=[
+                PythonStep("loud", shout),
+                PythonStep("n", count),
+            ],
+            output="n",
+        )
+    with pytest.raises(PipelineError, match="maps over 'loud', which is not a list"):
+        Pipeline(
+            "types",
+            inputs=["text"],
+            steps=[
+                PythonStep("loud", shout),
+                ModelStep("each", prompt="{item}", model="m", inputs=("loud",), map_over="loud"),
+            ],
+            output="each",
+        )
+    with pytest.raises(PipelineError, match="items of 'vs' are Verdict, its 'item' wants str"):
+
+        def item_text(item: str) -> str:
+            return item
+
+        Pipeline(
+            "types",
+            inputs=["text"],
+            steps=[
+                PythonStep("split", words),
+                ModelStep(
+                    "vs",
+                    prompt="{item}",
+                    model="m",
+                    inputs=("split",),
+                    map_over="split",
+                    output=Verdict,
+                ),
+                PythonStep("bad", item_text, inputs=("vs",), map_over="vs"),
+            ],
+            output="bad",
+        )
+
+
+# -- running --------------------------------------------------------------------------------
+
+
+def fan_out_pipeline(model: str = "judge", fallback: str | None = None) -> Pipeline:
+    return Pipeline(
+        "fan",
+        inputs=["text"],
+        steps=[
+            PythonStep("split", words),
+            ModelStep(
+                "score",
+                prompt="Score {item}",
+                model=model,
+                output=Verdict,
+                inputs=("split",),
+                map_over="split",
+                max_tokens=20,
+                fallback=fallback,
+            ),
+            PythonStep("best", first_score),
+        ],
+        output="best",
+    )
+
+
+async def test_a_pipeline_runs_its_steps_in_order_and_fans_out(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path, judge=judge())
+    result = await Runner(engine, traces=engine.traces).run(
+        fan_out_pipeline(), {"text": "alpha beta gamma delta"}
+    )
+    assert result.status == "ok", result.stop_reason
+    assert [v["score"] for v in result.values["score"]] == [len("Score alpha") % 10, 0, 1, 1]
+    assert result.output == len("Score alpha") % 10
+    assert result.steps["score"].calls == 4
+    calls = engine.traces.calls(result.run_id)
+    assert [(c.step, c.item) for c in calls] == [("score", str(i)) for i in range(4)]
+    assert result.cost_usd == pytest.approx(sum(c.cost_usd for c in calls))
+    run = engine.traces.run(result.run_id or "")
+    assert run is not None
+    assert run.status == "ok"
+    assert run.cost_usd == pytest.approx(result.cost_usd)
+
+
+async def test_fan_out_runs_concurrently(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path, judge=judge(delay_s=0.2))
+    result = await Runner(engine, concurrency=8).run(
+        fan_out_pipeline(), {"text": " ".join(["w"] * 8)}
+    )
+    assert result.status == "ok"
+    assert result.wall_s < 8 * 0.2 / 2  # far below the sequential 1.6 s
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    n_items=st.integers(1, 30),
+    budget=st.floats(0.0, 0.002),
+    concurrency=st.integers(1, 16),
+    delays=st.lists(st.floats(0.0, 0.01), min_size=1, max_size=5),
+)
+def test_the_budget_is_never_exceeded_under_concurrent_fan_out(
+    tmp_path: Path, n_items: int, budget: float, concurrency: int, delays: list[float]
+) -> None:
+    turn = iter(range(10**6))
+
+    async def answer(request: ChatRequest) -> str:
+        await asyncio.sleep(delays[next(turn) % len(delays)])
+        return json.dumps({"score": 3, "reason": "fine " * 3})
+
+    class OnlyJudge(Engine):
+        def cheaper(self, name: str) -> str | None:
+            return None  # no stand-in: the budget alone decides what runs
+
+    async def go() -> None:
+        engine = OnlyJudge(Fleet(), traces=TraceStore(":memory:"))
+        engine.add_route("judge", FunctionModel(answer, model_id="judge", price=PRICE))
+        result = await Runner(engine, traces=engine.traces, concurrency=concurrency).run(
+            fan_out_pipeline(), {"text": " ".join(["word"] * n_items)}, budget_usd=budget
+        )
+        spent = sum(c.cost_usd for c in engine.traces.calls())
+        assert spent <= budget + 1e-12
+        assert result.cost_usd == pytest.approx(spent)
+        if result.steps["score"].items_failed:
+            assert result.status != "ok"
+            assert result.stop_reason is not None
+            assert "budget" in result.stop_reason
+        engine.traces.close()
+
+    asyncio.run(go())
+
+
+async def test_the_deadline_is_honoured_with_a_partial_result(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path, judge=judge(delay_s=0.3))
+    started = time.monotonic()
+    result = await Runner(engine, traces=engine.traces, concurrency=1).run(
+        fan_out_pipeline(), {"text": " ".join(["w"] * 20)}, deadline_s=1.0
+    )
+    assert time.monotonic() - started < 1.5
+    assert result.status == "partial"
+    assert result.stop_reason is not None
+    assert "deadline" in result.stop_reason
+    assert "best" not in result.values
+    run = engine.traces.run(result.run_id or "")
+    assert run is not None
+    assert run.status == "partial"
+
+
+async def test_retryable_errors_are_retried(tmp_path: Path) -> None:
+    failures = iter([True, True, False, False, False, False])
+
+    def flaky(request: ChatRequest) -> str:
+        if next(failures):
+            raise BackendError("upstream hiccup")
+        return json.dumps({"score": 1, "reason": "ok"})
+
+    engine = engine_with(tmp_path, judge=FunctionModel(flaky, model_id="judge", price=PRICE))
+    result = await Runner(engine, backoff_s=0.01).run(fan_out_pipeline(), {"text": "a"})
+    assert result.status == "ok"
+    assert result.steps["score"].calls == 3
+
+
+async def test_a_failing_step_falls_back(tmp_path: Path) -> None:
+    def down(request: ChatRequest) -> str:
+        raise BackendError("gone")
+
+    engine = engine_with(
+        tmp_path, judge=FunctionModel(down, model_id="judge", price=PRICE), backup=judge("backup")
+    )
+    result = await Runner(engine, backoff_s=0.001).run(
+        fan_out_pipeline(fallback="backup"), {"text": "a b"}
+    )
+    assert result.status == "ok"
+    assert any("fell back to backup" in note for note in result.steps["score"].degraded)
+    errors = [c for c in engine.traces.calls() if c.status == "error"]
+    assert errors  # the failures are traced too
+
+
+async def test_without_a_fallback_the_step_fails_clearly(tmp_path: Path) -> None:
+    def down(request: ChatRequest) -> str:
+        raise BackendError("gone")
+
+    engine = engine_with(tmp_path, judge=FunctionModel(down, model_id="judge", price=PRICE))
+    result = await Runner(engine, backoff_s=0.001).run(fan_out_pipeline(), {"text": "a"})
+    assert result.status == "failed"
+    assert result.steps["score"].items_failed == 1
+    assert result.steps["best"].status == "skipped"
+    assert "gone" in (result.steps["score"].error or "")
+
+
+async def test_malformed_output_is_repaired_or_retried(tmp_path: Path) -> None:
+    answers = iter(
+        [
+            'Sure! {"score": 7, "reason": "nice"} Hope that helps.',  # repaired: prose around JSON
+            '{"score": "high"}',  # wrong type: retried with a correction
+            '{"score": 4, "reason": "fixed"}',
+        ]
+    )
+    engine = engine_with(
+        tmp_path,
+        judge=FunctionModel(lambda r: next(answers), model_id="judge", price=PRICE),
+    )
+    result = await Runner(engine, concurrency=1).run(fan_out_pipeline(), {"text": "a b"})
+    assert result.status == "ok", result.steps["score"]
+    assert [v["score"] for v in result.values["score"]] == [7, 4]
+    assert result.steps["score"].calls == 3
+
+
+async def test_money_running_low_degrades_to_a_cheaper_model(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path)
+    pipeline = Pipeline(
+        "degrade",
+        inputs=["q"],
+        steps=[
+            ModelStep(
+                "answer", prompt="{q}", model="qwen2.5-coder-1.5b", inputs=("q",), max_tokens=8
+            )
+        ],
+        output="answer",
+    )
+    request_budget = engine.worst_case_cost(
+        "smollm2-135m", ChatRequest.of("Hi there", max_tokens=8)
+    )
+    assert engine.cheaper("qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"
+    assert engine.cheaper("smollm2-135m") is None
+    result = await Runner(engine, traces=engine.traces).run(
+        pipeline, {"q": "Hi there"}, budget_usd=request_budget * 1.01
+    )
+    assert result.status == "ok"
+    assert result.steps["answer"].degraded == [
+        "qwen2.5-coder-1.5b -> smollm2-135m (money running low)"
+    ]
+    assert [c.model for c in engine.traces.calls(result.run_id)] == ["smollm2-135m"]
+    assert result.cost_usd <= request_budget * 1.01
+    await engine.aclose()
+
+
+async def test_no_money_at_all_stops_before_any_call(tmp_path: Path) -> None:
+    engine = engine_with(tmp_path, judge=judge())
+    result = await Runner(engine).run(fan_out_pipeline(), {"text": "a b"}, budget_usd=0.0)
+    assert result.status == "partial"
+    assert result.output is None
+    assert result.stop_reason is not None
+    assert "budget exhausted" in result.stop_reason
+    assert engine.traces.calls() == []
+
+
+async def test_identical_calls_are_cached_on_disk(tmp_path: Path) -> None:
+    model = judge()
+    engine = engine_with(tmp_path, judge=model)
+    runner = Runner(engine, traces=engine.traces, cache=ResponseCache(tmp_path / "cache.sqlite"))
+    first = await runner.run(fan_out_pipeline(), {"text": "a b c"})
+    second = await runner.run(fan_out_pipeline(), {"text": "a b c"})
+    assert first.values == second.values
+    assert len(model.calls) == 3
+    assert second.steps["score"].cached == 3
+    assert second.cost_usd == 0
+    assert all(c.cached for c in engine.traces.calls(second.run_id))
+
+
+def test_yaml_spec_round_trips() -> None:
+    pipeline = fan_out_pipeline(fallback="backup")
+    text = dump_yaml(pipeline)
+    again = load_yaml(text)
+    assert again.steps == pipeline.steps
+    assert (again.inputs, again.output, again.order) == (
+        pipeline.inputs,
+        pipeline.output,
+        pipeline.order,
+    )
+    assert dump_yaml(again) == text
+
+
+def test_yaml_spec_errors_say_where() -> None:
+    with pytest.raises(PipelineError, match=r"steps\.0\.model\.colour"):
+        load_yaml(
+            "name: x\ninputs: [a]\noutput: s\n"
+            "steps:\n  - {kind: model, name: s, model: m, prompt: '{a}', colour: red}\n"
+        )
+    with pytest.raises(PipelineError, match="cannot import"):
+        load_yaml(
+            "name: x\ninputs: [a]\noutput: s\n"
+            "steps:\n  - {kind: python, name: s, fn: 'nowhere:fn'}\n"
+        )
+
+
+def test_killing_the_process_mid_run_leaves_committed_traces_intact(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio, json
+        from shoal import FunctionModel, TokenPrice
+        from shoal.engine import Engine
+        from shoal.fleet import Fleet
+        from shoal.pipeline.graph import ModelStep, Pipeline
+        from shoal.pipeline.run import Runner
+
+        async def main():
+            engine = Engine(Fleet(), trace_path={str(tmp_path / "traces.sqlite")!r})
+            engine.add_route("slow", FunctionModel(lambda r: "ok", model_id="slow",
+                             price=TokenPrice(input_per_mtok=1, output_per_mtok=1), delay_s=0.05))
+            pipeline = Pipeline("long", inputs=["items"], steps=[
+                ModelStep("each", prompt="{{item}}", model="slow", inputs=("items",),
+                          map_over="items")], output="each")
+            print("started", flush=True)
+            await Runner(engine, traces=engine.traces, concurrency=1).run(
+                pipeline, {{"items": [str(i) for i in range(10_000)]}})
+
+        asyncio.run(main())
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "started"
+    db = tmp_path / "traces.sqlite"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        with sqlite3.connect(db) as peek:
+            if peek.execute("SELECT count(*) FROM calls").fetchone()[0] >= 10:
+                break
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    with sqlite3.connect(db) as check:
+        assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = TraceStore(db)
+    calls = store.calls()
+    assert len(calls) >= 10
+    assert all(c.status == "ok" and c.model == "slow" and c.cost_usd > 0 for c in calls)
+    (run,) = store.runs()
+    assert run.status == "running"  # it never finished, and says so
+    assert run.cost_usd == pytest.approx(sum(c.cost_usd for c in calls))
+    store.close()
