@@ -207,3 +207,14 @@ async def test_a_stream_left_early_stops_generating(tiny: Model) -> None:
 async def test_sampling_with_a_seed_is_reproducible(tiny: Model) -> None:
     request = ChatRequest.of("Invent a name for a cat.", max_tokens=10, temperature=1.0, seed=7)
     assert (await tiny.generate(request)).text == (await tiny.generate(request)).text
+
+
+async def test_a_cost_cap_stops_generation_in_time(tiny: Model) -> None:
+    request = ChatRequest.of("Write a long story about a harbour.", max_tokens=300)
+    probe = await tiny.generate(request.model_copy(update={"max_tokens": 30}))
+    cap = probe.cost_usd * 0.5  # about 15 tokens' worth of compute
+    capped = await tiny.generate(request.model_copy(update={"max_cost_usd": cap}))
+    assert capped.finish_reason == "length"
+    assert 1 <= capped.usage.output_tokens < 30
+    # It stops before a token that would pass the cap (within one token's time on a busy host).
+    assert capped.cost_usd <= cap * 1.5

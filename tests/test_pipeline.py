@@ -48,8 +48,8 @@ def words(text: str) -> list[str]:
     return text.split()
 
 
-def first_score(score: list[Verdict]) -> int:
-    return score[0].score
+def first_score(score: list[Verdict | None]) -> int:
+    return next(v.score for v in score if v is not None)
 
 
 def engine_with(tmp_path: Path, **models: FunctionModel) -> Engine:

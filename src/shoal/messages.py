@@ -28,7 +28,8 @@ class ChatRequest(_Frozen):
 
     `json_schema` constrains the output to that JSON schema; `json_object` to any JSON object.
     `logprobs` asks for the log-probability of every generated token (and `top_logprobs`
-    alternatives per position).
+    alternatives per position). `max_cost_usd` caps what the call may cost: a model priced by
+    compute time stops generating before it would pass it (finishing with reason "length").
     """
 
     messages: tuple[Message, ...] = Field(min_length=1)
@@ -41,6 +42,7 @@ class ChatRequest(_Frozen):
     json_schema: dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=20)
+    max_cost_usd: float | None = Field(default=None, ge=0.0)
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:

@@ -244,11 +244,15 @@ class LlamaCppModel(Model):
             repeat_penalty=1.0,
             grammar=grammar,
         )
+        cap_s = self._compute_cap(request)
         for token in tokens:
             if cancelled.is_set():
                 raise _Cancelled
+            now = time.perf_counter() - started
             if ttft is None:
-                ttft = time.perf_counter() - started
+                ttft = now
+            elif now + (now - ttft) / n_out > cap_s:
+                break  # the next token would cost more than the caller allowed: "length"
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 finish = "stop"
                 break
@@ -293,6 +297,13 @@ class LlamaCppModel(Model):
             cost_usd=self.card.cost(usage, compute),
             logprobs=tuple(logprobs) if request.logprobs else None,
         )
+
+    def _compute_cap(self, request: ChatRequest) -> float:
+        """Seconds of compute `request.max_cost_usd` buys here (unbounded when none is set)."""
+        per_hour = getattr(self.card.price, "per_hour", 0.0)
+        if request.max_cost_usd is None or not per_hour:
+            return float("inf")
+        return request.max_cost_usd / per_hour * 3600.0
 
     # -- the async face ------------------------------------------------------------------------
 

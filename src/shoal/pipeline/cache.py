@@ -15,7 +15,8 @@ from shoal.messages import ChatRequest, ChatResponse
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
-    payload = model + "\0" + request.model_dump_json()
+    # The cost cap is how much this call may spend, not what it asks: it is not part of the key.
+    payload = model + "\0" + request.model_dump_json(exclude={"max_cost_usd"})
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

@@ -3,7 +3,8 @@
 A step is a model call (a prompt template, an optional pydantic output schema, and the model or
 route that answers) or plain Python (a function whose parameters name its inputs). A step reads
 pipeline inputs and the outputs of other steps by name; `map_over` fans it out over a list, one
-call per item, the item bound to `{item}` (or to the function's `item` parameter).
+call per item, the item bound to `{item}` (or to the function's `item` parameter); its output is
+a list aligned with the items, None where an item failed.
 
 `Pipeline(...)` checks the graph at build time: unknown inputs, cycles, template fields that name
 nothing, and type mismatches between a producer's output and a consumer's annotated parameter
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import string
+import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +50,7 @@ class ModelStep:
     @property
     def produces(self) -> Any:
         one = self.output if self.output is not None else str
-        return list[one] if self.map_over else one  # type: ignore[valid-type]
+        return list[one | None] if self.map_over else one  # type: ignore[valid-type]
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class PythonStep:
     @property
     def produces(self) -> Any:
         one = self.hints.get("return", Any)
-        return list[one] if self.map_over else one  # type: ignore[valid-type]
+        if not self.map_over:
+            return one
+        return list[Any] if one is Any else list[one | None]  # type: ignore[valid-type]
 
 
 Step = ModelStep | PythonStep
@@ -172,9 +176,10 @@ class Pipeline:
             given = producer.produces
             if source == step.map_over:
                 inner = typing.get_args(given)
-                if inner and not _compatible(inner[0], wanted):
+                if inner and not _compatible(_without_none(inner[0]), wanted):
                     problems.append(
-                        f"step {step.name!r}: items of {source!r} are {_name(inner[0])}, "
+                        f"step {step.name!r}: items of {source!r} are "
+                        f"{_name(_without_none(inner[0]))}, "
                         f"its 'item' wants {_name(wanted)}"
                     )
             elif not _compatible(given, wanted):
@@ -228,14 +233,30 @@ class Pipeline:
         return [s for s in self.steps if name in self._deps(s)]
 
 
+def _is_union(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
+def _without_none(kind: Any) -> Any:
+    """`X | None` -> `X`: a mapped step skips items that failed upstream."""
+    if not _is_union(kind):
+        return kind
+    arms = [a for a in typing.get_args(kind) if a is not type(None)]
+    return arms[0] if len(arms) == 1 else typing.Union[tuple(arms)]  # noqa: UP007
+
+
 def _compatible(given: Any, wanted: Any) -> bool:
     if given is Any or wanted is Any:
         return True
     if given == wanted:
         return True
-    origin_g, origin_w = typing.get_origin(given), typing.get_origin(wanted)
-    if origin_w is typing.Union or origin_w is getattr(__import__("types"), "UnionType", None):
+    if _is_union(given):
+        return all(_compatible(arm, wanted) for arm in typing.get_args(given))
+    if _is_union(wanted):
         return any(_compatible(given, arm) for arm in typing.get_args(wanted))
+    origin_g, origin_w = typing.get_origin(given), typing.get_origin(wanted)
+    if given is type(None):
+        return wanted is type(None)
     if origin_g is not None or origin_w is not None:
         if origin_g != origin_w:
             return False

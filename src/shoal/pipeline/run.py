@@ -299,7 +299,8 @@ class _Run:
                     *(self._one(step, args, item, str(i)) for i, item in enumerate(items)),
                     return_exceptions=True,
                 )
-                kept = []
+                # Results stay aligned with the items: a failed item is None.
+                aligned: list[Any] = []
                 for result in results:
                     if isinstance(result, BaseException):
                         if not isinstance(result, Exception):
@@ -307,11 +308,12 @@ class _Run:
                         state.outcome.items_failed += 1
                         state.outcome.error = f"{type(result).__name__}: {result}"
                         self._note_stop(result)
+                        aligned.append(None)
                     else:
-                        kept.append(result)
-                if items and not kept and not step.optional:
+                        aligned.append(result)
+                if items and state.outcome.items_failed == len(items) and not step.optional:
                     raise StepFailed(f"every item failed; the last: {state.outcome.error}")
-                self.values[name] = kept
+                self.values[name] = aligned
             state.outcome.status = "partial" if state.outcome.items_failed else "ok"
         except Exception as exc:
             state.outcome.error = f"{type(exc).__name__}: {exc}"
@@ -336,6 +338,8 @@ class _Run:
                 self.stop_reason = str(exc)
 
     async def _one(self, step: Step, args: dict[str, Any], item: Any, key: str | None) -> Any:
+        if step.map_over is not None and item is None:
+            return None  # the item failed upstream; it stays a gap
         async with self.slots:
             if isinstance(step, PythonStep):
                 call_args = {k: v for k, v in args.items() if k in step.inputs}
@@ -457,9 +461,11 @@ class _Run:
         if not self.budget.reserve(reserved):
             raise BudgetExhausted(f"budget exhausted: ${self.budget.left_usd:.6f} left")
         spent = reserved
+        # The model may spend up to what was reserved and no more (a local model stops early).
+        capped = request.model_copy(update={"max_cost_usd": reserved})
         try:
             response = await caller.call(
-                model, request, run_id=self.run_id, step=step.name, item=key
+                model, capped, run_id=self.run_id, step=step.name, item=key
             )
             spent = response.total_cost_usd
         except OutputError as exc:
