@@ -77,6 +77,7 @@ def run_predictive(
     target: Target,
     cost_mode: str,
     models: list[str] | None = None,
+    zs: tuple[float, ...] = (0.0,),
 ) -> dict[str, Any]:
     train, test = table.subset(train_idx), table.subset(test_idx)
     sub_train, sub_test = train, test
@@ -84,7 +85,7 @@ def run_predictive(
         sub_train, sub_test = train.select_models(models), test.select_models(models)
     ref = ev.Reference.of(test)
     out: dict[str, Any] = {"curves": {}, "calibrated": {}}
-    for kind in kinds:
+    for kind, z in [(k, z) for k in kinds for z in zs]:
         fit = calibrate_predictive(
             sub_train,
             x[train_idx],
@@ -93,14 +94,16 @@ def run_predictive(
             cost_mode=cost_mode,
             test=sub_test,
             x_test=x[test_idx],
+            confidence_z=z,
         )
         assert fit.calibration.test_curve is not None
         assert fit.calibration.heldout is not None
         curve = fit.calibration.test_curve
         curve.label = kind
-        out["curves"][kind] = curve
+        if z == zs[0]:
+            out["curves"][kind] = curve
         held = fit.calibration.heldout
-        out["calibrated"][kind] = {
+        out["calibrated"][kind if z == 0 else f"{kind} z={z:g}"] = {
             "lambda": fit.lam,
             "met_on_train": fit.calibration.met,
             "quality_ratio": held.quality / ref.q_best,
@@ -125,7 +128,7 @@ def table_mmlu(args: argparse.Namespace) -> None:
         order = np.random.default_rng(seed).permutation(len(table))
         half = len(table) // 2
         train_idx, test_idx = np.sort(order[:half]), np.sort(order[half:])
-        res = run_predictive(table, x, train_idx, test_idx, kinds, target, "known")
+        res = run_predictive(table, x, train_idx, test_idx, kinds, target, "known", zs=(0.0, 1.0))
         test = table.subset(test_idx)
         result = ev.evaluate(test, list(res["curves"].values()))
         runs.append({"seed": seed, "metrics": result["routes"], "calibrated": res["calibrated"]})
@@ -147,7 +150,8 @@ def table_mmlu(args: argparse.Namespace) -> None:
                 marks=marks,
             )
             print(ev.format_table(result), file=sys.stderr)
-    _write("mmlu", summarise(runs, kinds, "RouteLLM MMLU, GPT-4-1106 vs Mixtral-8x7B"))
+    names = [n for k in kinds for n in (k, f"{k} z=1")]
+    _write("mmlu", summarise(runs, names, "RouteLLM MMLU, GPT-4-1106 vs Mixtral-8x7B"))
 
 
 def summarise(runs: list[dict[str, Any]], kinds: list[str], title: str) -> dict[str, Any]:
@@ -245,6 +249,20 @@ def table_local(args: argparse.Namespace) -> None:
         calibrated = dict(res["calibrated"])
         if table.confidence is not None:
             curves.append(ev.cascade_curve(test, cascade_order, "logprob cascade"))
+            scored_train, scored_test = scorer_confidence(train, test, x[train_idx], x[test_idx])
+            curves.append(ev.cascade_curve(scored_test, cascade_order, "scorer cascade"))
+            cal_s = calibrate_cascade(scored_train, cascade_order, target, test=scored_test)
+            assert cal_s.heldout is not None
+            ref = ev.Reference.of(test)
+            calibrated["scorer cascade"] = {
+                "threshold": cal_s.setting,
+                "met_on_train": cal_s.met,
+                "quality_ratio": cal_s.heldout.quality / ref.q_best,
+                "cost_ratio": cal_s.heldout.cost / ref.c_best,
+                "best_share": cal_s.heldout.best_share,
+                "met_on_test": cal_s.heldout.quality >= 0.95 * ref.q_best,
+                "quality_ci": cal_s.heldout.quality_ci,
+            }
             cal = calibrate_cascade(train, cascade_order, target, test=test)
             assert cal.heldout is not None
             ref = ev.Reference.of(test)
@@ -274,7 +292,7 @@ def table_local(args: argparse.Namespace) -> None:
                 title=f"Local fleet, {len(table)} questions (test half, seed 0)",
             )
             print(ev.format_table(result), file=sys.stderr)
-    names = kinds + (["logprob cascade"] if table.confidence is not None else [])
+    names = kinds + (["logprob cascade", "scorer cascade"] if table.confidence is not None else [])
     summary = summarise(runs, names, f"Local fleet ({len(table)} questions)")
     summary["per_dataset"] = {
         g: {
@@ -284,6 +302,43 @@ def table_local(args: argparse.Namespace) -> None:
         for g in sorted(set(table.groups))
     }
     _write("local", summary)
+
+
+def scorer_confidence(
+    train: OutcomeTable,
+    test: OutcomeTable,
+    x_train: np.ndarray[Any, Any],
+    x_test: np.ndarray[Any, Any],
+) -> tuple[OutcomeTable, OutcomeTable]:
+    """The tables with `confidence` replaced by a learned P(correct | query, answer confidence):
+    one logistic regression per model on [query features, token confidence]. Train-split
+    confidences are out-of-fold, so that thresholds calibrate on honest figures."""
+    from copy import copy
+
+    from shoal.routing.predictive import fit_logistic
+
+    assert train.confidence is not None
+    assert test.confidence is not None
+
+    def feats(x: np.ndarray[Any, Any], conf: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.hstack([x, 4 * conf[:, None], 4 * conf[:, None] ** 2])
+
+    p_train = np.zeros_like(train.confidence)
+    p_test = np.zeros_like(test.confidence)
+    folds = np.arange(len(train)) % 5
+    for j in range(len(train.models)):
+        y = train.scores[:, j : j + 1]
+        for k in range(5):
+            w, b = fit_logistic(
+                feats(x_train[folds != k], train.confidence[folds != k, j]), y[folds != k], l2=10.0
+            )
+            z = feats(x_train[folds == k], train.confidence[folds == k, j]) @ w + b
+            p_train[folds == k, j] = 1 / (1 + np.exp(-z[:, 0]))
+        w, b = fit_logistic(feats(x_train, train.confidence[:, j]), y, l2=10.0)
+        p_test[:, j] = 1 / (1 + np.exp(-(feats(x_test, test.confidence[:, j]) @ w + b)[:, 0]))
+    scored_train, scored_test = copy(train), copy(test)
+    scored_train.confidence, scored_test.confidence = p_train, p_test
+    return scored_train, scored_test
 
 
 def table_decision(args: argparse.Namespace) -> None:

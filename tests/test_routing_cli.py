@@ -10,7 +10,14 @@ import pytest
 from typer.testing import CliRunner
 
 from shoal.cli.main import app
-from shoal.models.embedder import GGUF_NAME, HashEmbedder, TorchMiniLM, ensure_gguf, minilm
+from shoal.models.embedder import (
+    GGUF_NAME,
+    GGUFMiniLM,
+    HashEmbedder,
+    TorchMiniLM,
+    ensure_gguf,
+    minilm,
+)
 from shoal.routing import predictive
 from shoal.routing.outcomes import OutcomeTable, write_table
 from shoal.settings import default_cache_dir
@@ -218,8 +225,10 @@ def test_minilm_gguf_gives_the_same_vectors_as_torch() -> None:
     if not (cache / "embedders" / GGUF_NAME).is_file():
         pytest.skip("the MiniLM GGUF is not converted yet: run `shoal route setup`")
     gguf = minilm(cache, "gguf", threads=1)
+    assert isinstance(gguf, GGUFMiniLM)
     assert ensure_gguf(cache).name == GGUF_NAME
     texts = ["Which planet is largest?", "The soup was cold and bland.", "2 + 2 = ?"]
     a, b = gguf.embed(texts), TorchMiniLM(threads=1).embed(texts)
     assert a.shape == (3, 384)
     assert float((a * b).sum(axis=1).min()) > 0.9999
+    gguf.close()

@@ -15,6 +15,7 @@ from shoal.errors import (
     OverloadedError,
     ShoalError,
     UnknownModelError,
+    UnknownRouteError,
     UpstreamHTTPError,
     WeightsCorruptedError,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "TokenLogprob",
     "TokenPrice",
     "UnknownModelError",
+    "UnknownRouteError",
     "UpstreamHTTPError",
     "Usage",
     "WeightsCorruptedError",

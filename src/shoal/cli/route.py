@@ -71,8 +71,15 @@ def outcomes_build(
         _guard(partial(datasets.load, name, size, seed=seed))
         for name, size in zip(dataset, sizes, strict=True)
     ]
-    # Interleaved, so that a table cut short still mixes every data set.
-    items = [p[i] for i in range(max(map(len, parts))) for p in parts if i < len(p)]
+    # Interleaved in blocks: a table cut short still mixes every data set, and each model sees
+    # runs of questions that share a system prompt and example, which llama.cpp keeps cached.
+    block = 10
+    items = [
+        item
+        for start in range(0, max(map(len, parts)), block)
+        for part in parts
+        for item in part[start : start + block]
+    ]
     ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local" and fleet.installed(c.id)]
     path = output or fleet.cache_dir / "outcomes" / "local.csv"
 

@@ -120,6 +120,11 @@ class GGUFMiniLM(Embedder):
             verbose=False,
         )
 
+    def close(self) -> None:
+        """Free llama.cpp's memory now rather than at garbage collection."""
+        with self._lock:
+            self._llama.close()
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         with self._lock:  # llama.cpp contexts are not thread-safe
             rows = [self._llama.embed(t or " ", truncate=True) for t in texts]

@@ -175,12 +175,17 @@ def calibrate_predictive(
     predictor_factory: Callable[[], Predictor] | None = None,
     lams: Sequence[float] | None = None,
     seed: int = 0,
+    confidence_z: float = 0.0,
 ) -> PredictiveFit:
     """Fit a predictive route on `train` to `target`; report it on `test` when given.
 
     `cost_mode="known"`: each query's cost per model is known before the call (token prices of
     a fixed-length answer), so the table's own costs are used; `"learned"`: a ridge regression
     of cost on the query features predicts it.
+
+    `confidence_z` > 0 asks more of a quality-ratio target than meeting it on average over the
+    calibration split: the cheapest setting whose per-query margin over the target, minus z
+    standard errors, is still ≥ 0 (z = 1: met with ~84% confidence on queries like these).
     """
     train.check_routable()
     lams = list(lams if lams is not None else lambda_grid())
@@ -203,6 +208,10 @@ def calibrate_predictive(
         regressor = CostRegressor().fit(x_train, train.costs)
     curve = predictive_curve(train, quality_oof, cost_oof, ref_cost, "calibration", lams)
     index, met = pick_setting(curve, target, ref)
+    if confidence_z > 0 and target.quality_ratio is not None:
+        index, met = _pick_confident(
+            train, quality_oof, cost_oof, ref_cost, curve, target, confidence_z
+        )
     lam = curve.settings[index]
     chosen = choose_index(quality_oof, cost_oof, lam, ref_cost)
     rows = np.arange(len(train))
@@ -225,6 +234,30 @@ def calibrate_predictive(
         )
         calib.test_curve = predictive_curve(test, q_test, c_test, ref_cost, f"{kind} router", lams)
     return PredictiveFit(predictor, regressor, lam, ref_cost, calib)
+
+
+def _pick_confident(
+    train: OutcomeTable,
+    quality: Array,
+    cost: Array,
+    ref_cost: float,
+    curve: Curve,
+    target: Target,
+    z: float,
+) -> tuple[int, bool]:
+    assert target.quality_ratio is not None
+    ref = Reference.of(train)
+    rows = np.arange(len(train))
+    best = train.scores[:, ref.best]
+    ok = []
+    for i, lam in enumerate(curve.settings):
+        got = train.scores[rows, choose_index(quality, cost, lam, ref_cost)]
+        margin = got - target.quality_ratio * best
+        if margin.mean() - z * margin.std(ddof=1) / np.sqrt(len(margin)) >= 0:
+            ok.append(i)
+    if not ok:
+        return int(np.argmax(curve.quality)), False
+    return min(ok, key=lambda i: (curve.cost[i], -curve.quality[i])), True
 
 
 # -- cascades ------------------------------------------------------------------------------------

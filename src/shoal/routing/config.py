@@ -32,12 +32,13 @@ from shoal.cards import ModelCard
 from shoal.errors import ConfigError, UnknownModelError
 from shoal.fleet import Fleet
 from shoal.messages import ChatRequest, ChatResponse, RouteDecision
+from shoal.routing import predictive
 from shoal.routing.base import RoutedModel, Router, RouteStats, trace_stats
 from shoal.routing.calibrate import Calibration, Target, calibrate_predictive
 from shoal.routing.cascade import AgreementSignal, CascadeRouter, LogprobSignal
 from shoal.routing.outcomes import read_table
 from shoal.routing.policies import FallbackRouter, FixedRouter, LatencySLORouter
-from shoal.routing.predictive import Featurizer, PredictiveRouter, minilm_featurizer
+from shoal.routing.predictive import Featurizer, PredictiveRouter
 from shoal.settings import (
     CascadeRouteSpec,
     FallbackRouteSpec,
@@ -79,7 +80,7 @@ class CalibratedRouter(Router):
                     f"route {self.spec.name!r} is not calibrated for its current settings; run: "
                     f"shoal route calibrate {self.spec.name}"
                 )
-            self._featurizer = minilm_featurizer(self.cache_dir)
+            self._featurizer = predictive.minilm_featurizer(self.cache_dir)
             self._router = PredictiveRouter.load(self.path, self._featurizer)
             self._router.min_quality = self.spec.min_quality
             self._router.rename(self.name)
@@ -152,7 +153,7 @@ def calibrate_route(
         train, test = table.split("train"), table.split("test")
     else:
         train, test = table.random_split(0.5, seed=seed)
-    feat = featurizer or minilm_featurizer(fleet.cache_dir)
+    feat = featurizer or predictive.minilm_featurizer(fleet.cache_dir)
     target = Target.model_validate(spec.target.model_dump())
     fit = calibrate_predictive(
         train,
