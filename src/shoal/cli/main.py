@@ -311,5 +311,13 @@ app.command()(serve)
 app.add_typer(keys_app, name="keys")
 
 
+# -- pipelines (commands in cli/run.py) ----------------------------------------------------------
+
+from shoal.cli.run import run_app, runs_app  # noqa: E402
+
+app.add_typer(run_app, name="run")
+app.add_typer(runs_app, name="runs")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,1 @@
+"""The rental assistant on real Inside Airbnb listings (see README.md)."""
