@@ -1,0 +1,268 @@
+"""The rental assistant, routed, against the same pipeline with every step on the large model.
+
+    python bench/rental.py                 # 20 requests, both variants (long: minutes per request)
+    python bench/rental.py --n 5 --orchestration 2
+
+For each request both pipelines run on the local fleet (no answer cache), and the routed ranking
+is scored against the all-large one:
+
+- NDCG@5: relevance of a listing = the score the all-large run gave it (0 if it did not rank it);
+  the routed top five is discounted by rank and divided by the all-large ideal. When the all-large
+  run ranks nothing (nothing fits), a routed run that ranks nothing scores 1, else 0.
+- cost: the runs' traced cost (host price x compute time); wall: the runs' wall time.
+- orchestration (routed runs): the critical-path bound from traced compute times — steps in
+  dependency order, and within a step the calls on one model one after another (one llama.cpp
+  instance computes one call at a time) — against the run's wall time. The same requests are then
+  run as a plain sequential loop of the same calls, and as one unbounded `asyncio.gather` per
+  fan-out step, for their wall times.
+Goals: NDCG@5 >= 0.9 at <= 40% of the all-large cost; wall <= 1.15 x the critical-path bound.
+Progress goes to stderr, one JSON line per request to --log (resumable), the summary to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from shoal.engine import Engine
+from shoal.fleet import Fleet
+from shoal.messages import ChatRequest, Message
+from shoal.pipeline.graph import ModelStep, Pipeline
+from shoal.pipeline.run import Runner
+from shoal.traces.store import CallRecord
+from shoal_examples.rental import pipeline as rental
+
+REQUESTS = [
+    "quiet 2-bedroom near downtown under $150 with parking",
+    "cheap private room for one person, wifi and a desk to work",
+    "family of 5 needs a whole house with a kitchen and washer, up to $300 a night",
+    "romantic weekend for two, close to downtown restaurants, a nice view would be great",
+    "studio under $70 with air conditioning",
+    "3 bedrooms for a group of friends, free parking, budget 250",
+    "pet friendly apartment for 2 with a yard, under $130",
+    "luxury place with a hot tub, money is no issue",
+    "something walkable to downtown for a business trip, 1 guest, must have wifi and workspace",
+    "a place for 12 people for under $40 a night",
+    "quiet but in the middle of the nightlife, cheap but luxurious",
+    "2 bedrooms, 2 bathrooms, kitchen, for a month-long stay, around $120",
+    "accessible ground floor unit for an elderly couple, near downtown",
+    "student on a tight budget, anything under $60 with wifi",
+    "large group reunion, 8 guests, parking for 3 cars",
+    "modern loft downtown with a washer and dryer, under $200",
+    "cozy room in a house with friendly hosts and breakfast",
+    "entire home with a fireplace and parking, 2 bedrooms",
+    "no stairs, 1 bedroom, quiet street, under $110",
+    "close to the university, 2 guests, kitchen, under $100",
+]
+
+
+def ndcg5(routed: list[dict[str, Any]], large: list[dict[str, Any]]) -> float:
+    if not large:
+        return 1.0 if not routed else 0.0
+    relevance = {r["listing_id"]: r["score"] for r in large}
+    dcg = sum(
+        relevance.get(r["listing_id"], 0) / math.log2(i + 2) for i, r in enumerate(routed[:5])
+    )
+    ideal = sorted(relevance.values(), reverse=True)[:5]
+    idcg = sum(rel / math.log2(i + 2) for i, rel in enumerate(ideal))
+    if idcg == 0:
+        same = {r["listing_id"] for r in routed[:5]} == {r["listing_id"] for r in large[:5]}
+        return 1.0 if same else 0.0
+    return dcg / idcg
+
+
+def critical_path(pipeline: Pipeline, calls: list[CallRecord]) -> float:
+    """Lower bound on wall time: steps in order, calls on one model serialised within a step."""
+    per_step: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for call in calls:
+        if call.status == "ok" and not call.cached:
+            per_step[call.step or ""][call.model] += call.compute_s
+    finish: dict[str, float] = {}
+    for name in pipeline.order:
+        step = pipeline.steps[name]
+        start = max((finish[d] for d in step.inputs if d in finish), default=0.0)
+        finish[name] = start + max(per_step[name].values(), default=0.0)
+    return float(max(finish.values(), default=0.0))
+
+
+async def run(engine: Engine, pipeline: Pipeline, request: str, city: str) -> dict[str, Any]:
+    runner = Runner(engine, traces=engine.traces, concurrency=8)
+    result = await runner.run(pipeline, {"request": request, "city": city}, budget_usd=1.0)
+    calls = engine.traces.calls(result.run_id)
+    return {
+        "status": result.status,
+        "stop_reason": result.stop_reason,
+        "cost_usd": result.cost_usd,
+        "wall_s": result.wall_s,
+        "bound_s": critical_path(pipeline, calls),
+        "calls": len(calls),
+        "ranked": (result.output or {}).get("ranked", []),
+        "criteria": (result.output or {}).get("criteria"),
+    }
+
+
+async def plain(engine: Engine, request: str, city: str, *, gather: bool) -> float:
+    """The routed pipeline's calls without shoal's runner: a sequential loop, or one unbounded
+    `asyncio.gather` per fan-out step. Returns wall seconds."""
+    pipeline = rental.build()
+    steps = pipeline.steps
+
+    def ask(name: str, fields: dict[str, Any]) -> ChatRequest:
+        step = steps[name]
+        assert isinstance(step, ModelStep)
+        messages = [Message(role="system", content=step.system or "")]
+        messages.append(Message(role="user", content=step.prompt.format(**fields)))
+        schema = step.output.model_json_schema() if step.output else None
+        return ChatRequest(messages=tuple(messages), max_tokens=step.max_tokens, json_schema=schema)
+
+    async def call(name: str, fields: dict[str, Any]) -> str:
+        step = steps[name]
+        assert isinstance(step, ModelStep)
+        return (await engine.generate(step.model, ask(name, fields))).text
+
+    started = time.monotonic()
+    criteria = rental.Criteria.model_validate_json(await call("criteria", {"request": request}))
+    found = rental.candidates(criteria, city)
+    picks = []
+    for menu in rental.menus(found):
+        picks.append(
+            rental.Picks.model_validate_json(
+                await call("shortlist", {"request": request, "item": menu})
+            )
+        )
+    finalists = rental.finalists(found, picks, city)
+    fields = [{"criteria": criteria.model_dump_json(), "item": f.card()} for f in finalists]
+    if gather:
+        texts = await asyncio.gather(*(call("scores", f) for f in fields))
+    else:
+        texts = [await call("scores", f) for f in fields]
+    ranked = rental.rank(finalists, [rental.Score.model_validate_json(t) for t in texts])
+    for brief in rental.briefs(ranked):
+        await call("explain", {"request": request, "item": brief})
+    return time.monotonic() - started
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    xs = range(len(rows))
+    left.bar(
+        [x - 0.2 for x in xs], [r["routed"]["cost_usd"] * 1e3 for r in rows], 0.4, label="routed"
+    )
+    left.bar(
+        [x + 0.2 for x in xs], [r["large"]["cost_usd"] * 1e3 for r in rows], 0.4, label="all large"
+    )
+    left.set(xlabel="request", ylabel="cost (m$)", title="cost per request")
+    left.legend()
+    right.scatter(
+        [r["routed"]["cost_usd"] / r["large"]["cost_usd"] for r in rows], [r["ndcg5"] for r in rows]
+    )
+    right.axhline(0.9, ls="--", c="grey")
+    right.axvline(0.4, ls="--", c="grey")
+    right.set(
+        xlabel="routed cost / all-large cost", ylabel="NDCG@5 vs all-large", title="quality vs cost"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=len(REQUESTS))
+    parser.add_argument("--city", default="albany")
+    parser.add_argument("--orchestration", type=int, default=3, help="requests to run plain")
+    parser.add_argument("--log", type=Path, default=Path("bench/out/rental.jsonl"))
+    parser.add_argument("--plot", type=Path, default=Path("bench/out/rental.png"))
+    args = parser.parse_args()
+    engine = Engine(Fleet())
+    rental.register_routes(engine)
+    done = {}
+    if args.log.is_file():
+        for line in args.log.read_text().splitlines():
+            row = json.loads(line)
+            done[row["request"]] = row
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, request in enumerate(REQUESTS[: args.n]):
+        if request in done:
+            rows.append(done[request])
+            continue
+        print(f"[{i + 1}/{args.n}] {request}", file=sys.stderr)
+        routed = await run(engine, rental.build(), request, args.city)
+        large = await run(engine, rental.all_large(), request, args.city)
+        row = {
+            "request": request,
+            "routed": routed,
+            "large": large,
+            "ndcg5": ndcg5(routed["ranked"], large["ranked"]),
+        }
+        print(
+            f"    NDCG@5 {row['ndcg5']:.2f}, "
+            f"cost {routed['cost_usd'] / max(large['cost_usd'], 1e-12):.0%} of all-large",
+            file=sys.stderr,
+        )
+        with args.log.open("a") as log:
+            log.write(json.dumps(row) + "\n")
+        rows.append(row)
+    orchestration = []
+    for request in REQUESTS[: min(args.orchestration, args.n)]:
+        row = next(r for r in rows if r["request"] == request)
+        sequential = await plain(engine, request, args.city, gather=False)
+        gathered = await plain(engine, request, args.city, gather=True)
+        orchestration.append(
+            {
+                "request": request,
+                "shoal_wall_s": row["routed"]["wall_s"],
+                "bound_s": row["routed"]["bound_s"],
+                "sequential_wall_s": sequential,
+                "gather_wall_s": gathered,
+            }
+        )
+    await engine.aclose()
+    routed_cost = sum(r["routed"]["cost_usd"] for r in rows)
+    large_cost = sum(r["large"]["cost_usd"] for r in rows)
+    ratios = [
+        r["routed"]["wall_s"] / r["routed"]["bound_s"] for r in rows if r["routed"]["bound_s"]
+    ]
+    summary = {
+        "requests": len(rows),
+        "ndcg5_mean": statistics.mean(r["ndcg5"] for r in rows) if rows else None,
+        "ndcg5_median": statistics.median(r["ndcg5"] for r in rows) if rows else None,
+        "routed_cost_usd": routed_cost,
+        "all_large_cost_usd": large_cost,
+        "cost_ratio": routed_cost / large_cost if large_cost else None,
+        "routed_wall_s_median": statistics.median(r["routed"]["wall_s"] for r in rows)
+        if rows
+        else None,
+        "all_large_wall_s_median": statistics.median(r["large"]["wall_s"] for r in rows)
+        if rows
+        else None,
+        "wall_over_critical_path_median": statistics.median(ratios) if ratios else None,
+        "orchestration": orchestration,
+        "goals": {},
+    }
+    if rows:
+        summary["goals"] = {
+            "ndcg5>=0.9": summary["ndcg5_mean"] >= 0.9,
+            "cost<=40%": (summary["cost_ratio"] or 1) <= 0.4,
+            "wall<=1.15x_bound": (summary["wall_over_critical_path_median"] or 9) <= 1.15,
+        }
+        plot(rows, args.plot)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
