@@ -76,7 +76,7 @@ def ndcg5(routed: list[dict[str, Any]], large: list[dict[str, Any]]) -> float:
     if idcg == 0:
         same = {r["listing_id"] for r in routed[:5]} == {r["listing_id"] for r in large[:5]}
         return 1.0 if same else 0.0
-    return dcg / idcg
+    return float(dcg / idcg)
 
 
 def critical_path(pipeline: Pipeline, calls: list[CallRecord]) -> float:
