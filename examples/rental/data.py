@@ -9,7 +9,6 @@ import csv
 import gzip
 import json
 import math
-import os
 import random
 from collections import defaultdict
 from functools import cache
@@ -18,6 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from shoal.errors import ConfigError
+from shoal.routing.datasets import shared_data_dir
 
 CITIES = {
     # file prefix, and the downtown point distances are measured from
@@ -51,17 +51,8 @@ class Listing(BaseModel):
 
 
 def data_dir() -> Path:
-    """`$SHOAL_DATA/airbnb`, else the nearest `shared/data/airbnb` above here or the cwd."""
-    if explicit := os.environ.get("SHOAL_DATA"):
-        return Path(explicit) / "airbnb"
-    for start in (Path.cwd(), Path(__file__).resolve()):
-        for folder in (start, *start.parents):
-            for candidate in (folder / "shared" / "data" / "airbnb", folder / "data" / "airbnb"):
-                if (candidate / "README.md").is_file():
-                    return candidate
-    raise ConfigError(
-        "cannot find the Inside Airbnb data: set SHOAL_DATA to the shared data folder"
-    )
+    """The Inside Airbnb folder of the shared data (`$SHOAL_DATA_DIR`, else found above here)."""
+    return shared_data_dir() / "airbnb"
 
 
 def _km(a: tuple[float, float], b: tuple[float, float]) -> float:
