@@ -6,31 +6,22 @@ or configuration) or 1 (a backend or model failed); no traceback for expected fa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Column, Table
 
 from shoal.cards import HostPrice, ModelCard
+from shoal.cli.common import FleetOption, err, fleet_from, guard, out, run_coroutine
 from shoal.errors import (
     ConfigError,
-    InvalidRequestError,
-    ModelNotInstalledError,
-    ShoalError,
-    UnknownModelError,
-    UnknownRouteError,
-    WeightsCorruptedError,
 )
-from shoal.fleet import Fleet
 from shoal.messages import ChatRequest, Completed, TextDelta
 from shoal.settings import GGUFModelSpec
 
@@ -40,42 +31,8 @@ config_app = typer.Typer(help="The configuration that will run.", no_args_is_hel
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-FleetOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
-    ),
-]
-T = TypeVar("T")
-
-_BAD_INPUT = (
-    ConfigError,
-    UnknownModelError,
-    UnknownRouteError,
-    InvalidRequestError,
-    ModelNotInstalledError,
-    WeightsCorruptedError,
-)
-
-
-def _fleet(path: Path | None) -> Fleet:
-    return _guard(lambda: Fleet.from_file(path))
-
-
-def _guard(work: Callable[[], T]) -> T:
-    """Run `work()`, turning shoal errors into a clean message and exit status."""
-    try:
-        return work()
-    except ShoalError as exc:
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
-        raise typer.Exit(2 if isinstance(exc, _BAD_INPUT) else 1) from None
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return _guard(lambda: asyncio.run(coro))
+# Shared by every command module: the consoles, the --fleet option, and error handling.
+_fleet, _guard, _run = fleet_from, guard, run_coroutine
 
 
 def _price(card: ModelCard) -> str:

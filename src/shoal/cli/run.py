@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.tree import Tree
 
+from shoal.cli.common import FleetOption, err, fail, out
 from shoal.engine import Engine
 from shoal.errors import ShoalError
 from shoal.fleet import Fleet
@@ -25,21 +25,6 @@ from shoal.traces.store import CallRecord, TraceStore
 
 run_app = typer.Typer(help="Run a pipeline.", no_args_is_help=True)
 runs_app = typer.Typer(help="Recorded runs: list them, show where the money and time went.")
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-FleetOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
-    ),
-]
-
-
-def _fail(exc: ShoalError) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
-    return typer.Exit(2 if not exc.retryable else 1)
 
 
 class _Progress:
@@ -85,7 +70,7 @@ def run_rental(
         rental.register_routes(engine)
         pipeline = rental.all_large() if all_large else rental.build()
     except ShoalError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
     async def go() -> RunResult:
         cache = None if no_cache else ResponseCache(engine.fleet.cache_dir / "answers.sqlite")
@@ -108,7 +93,7 @@ def run_rental(
     try:
         result = asyncio.run(go())
     except ShoalError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json", exclude={"values"}), indent=2))
     else:
@@ -158,7 +143,7 @@ def _store(fleet_file: Path | None, traces: Path | None) -> tuple[TraceStore, Fl
     fleet = Fleet.from_file(fleet_file)
     path = traces or fleet.cache_dir / "traces.sqlite"
     if not path.is_file():
-        raise _fail(ShoalError(f"no trace store at {path}: nothing has run yet"))
+        raise fail(ShoalError(f"no trace store at {path}: nothing has run yet"))
     return TraceStore(path), fleet
 
 
@@ -175,7 +160,8 @@ def runs_list(
 ) -> None:
     """Recent runs: status, cost, budget, time."""
     store, _ = _store(fleet_file, traces)
-    table = Table("run", "pipeline", "status", "started", "cost", "budget", "wall")
+    table = Table("pipeline", "status", "started", "cost", "budget", "wall")
+    table.columns.insert(0, Column("run", no_wrap=True))
     for run in store.runs(limit=limit):
         wall = f"{run.finished_at - run.started_at:.1f} s" if run.finished_at else "-"
         table.add_row(
@@ -217,7 +203,7 @@ def runs_show(
     run = store.run(run_id)
     if run is None:
         recent = ", ".join(r.id for r in store.runs(limit=5)) or "none"
-        raise _fail(ShoalError(f"no run {run_id!r}; recent runs: {recent}"))
+        raise fail(ShoalError(f"no run {run_id!r}; recent runs: {recent}"))
     calls = store.calls(run_id)
     store.close()
     wall = (run.finished_at or run.started_at) - run.started_at

@@ -9,24 +9,15 @@ from typing import Annotated
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Column, Table
 
+from shoal.cli.common import FleetOption, err, out
 from shoal.errors import ConfigError
 
 keys_app = typer.Typer(
     help="API keys of the server: budgets and rate limits.", no_args_is_help=True
 )
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-FleetOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
-    ),
-]
 KeysOption = Annotated[
     Path | None,
     typer.Option(

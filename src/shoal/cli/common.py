@@ -1,0 +1,66 @@
+"""What every command module shares: the consoles, the `--fleet` option, and one way to turn
+shoal's errors into a message and an exit status (2: bad input or configuration; 1: a model or
+backend failed), with no traceback for an expected failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from shoal.errors import (
+    ConfigError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    ShoalError,
+    UnknownModelError,
+    UnknownRouteError,
+    WeightsCorruptedError,
+)
+from shoal.fleet import Fleet
+
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+
+FleetOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
+    ),
+]
+T = TypeVar("T")
+
+BAD_INPUT = (
+    ConfigError,
+    UnknownModelError,
+    UnknownRouteError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    WeightsCorruptedError,
+)
+
+
+def fail(exc: ShoalError) -> typer.Exit:
+    """Print `exc` for a user and return the exit to raise."""
+    err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+    return typer.Exit(2 if isinstance(exc, BAD_INPUT) else 1)
+
+
+def guard(work: Callable[[], T]) -> T:
+    """Run `work()`, turning shoal errors into a clean message and exit status."""
+    try:
+        return work()
+    except ShoalError as exc:
+        raise fail(exc) from None
+
+
+def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
+    return guard(lambda: asyncio.run(coro))
+
+
+def fleet_from(path: Path | None) -> Fleet:
+    return guard(lambda: Fleet.from_file(path))
