@@ -70,8 +70,7 @@ def test_no_listing_fits_says_why() -> None:
 
 def stand_ins(criteria_json: dict[str, object]) -> dict[str, FunctionModel]:
     def shortlist(request: ChatRequest) -> str:
-        ids = re.findall(r"#(\d+)", request.messages[-1].content)
-        return json.dumps({"ids": [int(i) for i in ids[1:4]]})
+        return json.dumps({"picks": [2, 3, 4, 99]})  # 99 is not on the menu: dropped
 
     def score(request: ChatRequest) -> str:
         price = re.search(r"\$(\d+)/night", request.messages[-1].content)
@@ -114,9 +113,10 @@ async def test_the_pipeline_ranks_finalists_with_reasons(tmp_path: Path) -> None
     scores = [r["score"] for r in answer["ranked"]]
     assert scores == sorted(scores, reverse=True)
     assert answer["explanation"] == "Take the first one."
-    # The shortlist's picks come first among the finalists.
-    picks = result.values["shortlist"][0]["ids"]
-    assert [f["listing"]["id"] for f in result.values["finalists"]][:3] == picks
+    # The shortlist's picks come first among the finalists, then the pre-ranking fills up.
+    menu = [x["id"] for x in result.values["candidates"]["listings"]]
+    finalists = [f["listing"]["id"] for f in result.values["finalists"]]
+    assert finalists == [menu[1], menu[2], menu[3], menu[0], menu[4]]
     steps = [c.step for c in engine.traces.calls(result.run_id)]
     assert steps.count("scores") == rental.FINALISTS
     assert steps.count("criteria") == steps.count("shortlist") == steps.count("explain") == 1

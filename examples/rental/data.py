@@ -44,7 +44,7 @@ class Listing(BaseModel):
     def summary(self) -> str:
         amenities = ", ".join(self.amenities[:12])
         return (
-            f"#{self.id} {self.title} | {self.room_type}, {self.bedrooms} bedroom(s), sleeps "
+            f"{self.title} | {self.room_type}, {self.bedrooms} bedroom(s), sleeps "
             f"{self.accommodates}, ${self.price:.0f}/night, {self.km_to_downtown:.1f} km from "
             f"downtown | {self.description[:220]} | amenities: {amenities}"
         )

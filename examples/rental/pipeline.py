@@ -7,7 +7,7 @@ ranking). The routed pipeline sends each step to the smallest model that does it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -62,7 +62,9 @@ class Candidates(BaseModel):
 
 
 class Picks(BaseModel):
-    ids: list[int]
+    """Positions in the shortlist menu (1-based): small numbers, not long listing ids."""
+
+    picks: list[Annotated[int, Field(ge=1, le=SHORTLIST_SIZE)]] = Field(max_length=FINALISTS)
 
 
 class Finalist(BaseModel):
@@ -77,7 +79,7 @@ class Finalist(BaseModel):
 
 class Score(BaseModel):
     score: int = Field(ge=0, le=10)
-    reason: str
+    reason: str = Field(max_length=140)
 
 
 class Ranked(BaseModel):
@@ -166,16 +168,16 @@ def menus(candidates: Candidates) -> list[str]:
     """The shortlist prompt's list of candidates; none when nothing fits (no call is made)."""
     if not candidates.listings:
         return []
-    return ["\n".join(x.summary() for x in candidates.listings)]
+    return ["\n".join(f"{i}. {x.summary()}" for i, x in enumerate(candidates.listings, start=1))]
 
 
 def finalists(candidates: Candidates, shortlist: list[Picks | None], city: str) -> list[Finalist]:
-    """The model's picks (ids it invented are dropped), topped up from the pre-ranking."""
-    by_id = {x.id: x for x in candidates.listings}
-    picked = [i for p in shortlist if p for i in p.ids if i in by_id]
-    order = list(dict.fromkeys(picked)) + [x.id for x in candidates.listings]
-    chosen = list(dict.fromkeys(order))[:FINALISTS]
-    return [Finalist(listing=by_id[i], reviews=review_sample(city, i)) for i in chosen]
+    """The model's picks (positions outside the menu are dropped), topped up from the
+    pre-ranking."""
+    menu = candidates.listings
+    picked = [n - 1 for p in shortlist if p for n in p.picks if 1 <= n <= len(menu)]
+    order = list(dict.fromkeys([*picked, *range(len(menu))]))[:FINALISTS]
+    return [Finalist(listing=menu[i], reviews=review_sample(city, menu[i].id)) for i in order]
 
 
 def rank(finalists: list[Finalist], scores: list[Score | None]) -> list[Ranked]:
@@ -252,9 +254,9 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 output=Picks,
                 inputs=("request", "menus"),
                 map_over="menus",
-                system="You shortlist rental listings. Answer with the ids only.",
-                prompt=f"Request: {{request}}\nListings:\n{{item}}\n\nReturn the ids (numbers "
-                f"after #) of the {FINALISTS} listings that best fit the request.",
+                system="You shortlist rental listings. Answer with their numbers only.",
+                prompt=f"Request: {{request}}\nListings:\n{{item}}\n\nReturn the numbers of "
+                f"the {FINALISTS} listings that best fit the request, best first.",
                 max_tokens=120,
                 optional=True,
             ),
@@ -267,7 +269,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 map_over="finalists",
                 system="You judge how well a rental listing fits a guest's criteria.",
                 prompt="Criteria: {criteria}\nListing: {item}\n\nScore the fit from 0 (bad) to 10 "
-                "(perfect) with a one-line reason.",
+                "(perfect), with a reason of one short sentence.",
                 max_tokens=80,
             ),
             PythonStep("ranked", rank),
