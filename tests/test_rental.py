@@ -70,7 +70,7 @@ def test_no_listing_fits_says_why() -> None:
 
 def stand_ins(criteria_json: dict[str, object]) -> dict[str, FunctionModel]:
     def shortlist(request: ChatRequest) -> str:
-        return json.dumps({"picks": [2, 3, 4, 99]})  # 99 is not on the menu: dropped
+        return json.dumps({"picks": [2, 3, 4]})
 
     def score(request: ChatRequest) -> str:
         price = re.search(r"\$(\d+)/night", request.messages[-1].content)
