@@ -219,3 +219,19 @@ async def test_a_cost_cap_stops_generation_in_time(tiny: Model) -> None:
     # It stops before a token expected to pass the cap; only a first token (the prompt's cost)
     # or one unusually slow token on a busy host can go over.
     assert capped.usage.output_tokens == 1 or capped.cost_usd <= cap * 2
+
+
+async def test_calls_cancelled_in_the_queue_give_their_slot_back(
+    tiny_card: ModelCard, tiny_path: Path
+) -> None:
+    model = LlamaCppModel(tiny_card, path=tiny_path, max_queue=2)
+    request = ChatRequest.of("Write a poem about the sea.", max_tokens=20)
+    for _ in range(3):  # more rounds than the queue has slots: a leak would overload it
+        waiting = [asyncio.ensure_future(model.generate(request)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+    assert (await model.generate(ChatRequest.of("Hi", max_tokens=2))).text
+    await asyncio.sleep(0.1)
+    assert model._instance.pending == 0

@@ -196,14 +196,15 @@ class LlamaCppModel(Model):
                 )
             inst.pending += 1
 
-        def run() -> Any:
-            try:
-                return work()
-            finally:
-                with inst.lock:
-                    inst.pending -= 1
+        def release(_: object) -> None:
+            # Runs when the job ends, fails, or is cancelled while still queued (a caller that
+            # left): the slot is given back in every case.
+            with inst.lock:
+                inst.pending -= 1
 
-        return await asyncio.get_running_loop().run_in_executor(inst.executor, run)
+        job = inst.executor.submit(work)
+        job.add_done_callback(release)
+        return await asyncio.wrap_future(job)
 
     def _generate_blocking(
         self, request: ChatRequest, emit: Emit | None, cancelled: threading.Event
