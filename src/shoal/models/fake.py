@@ -29,6 +29,9 @@ def fake_card(model_id: str, *, price: Price | None = None, context: int = 4096)
         where="in process (fake)",
         price=price or HostPrice(),
         capabilities=frozenset({"stream"}),
+        # Fakes answer at once: nothing should route around them for being slow.
+        prompt_tok_s=1e6,
+        gen_tok_s=1e6,
     )
 
 

@@ -15,11 +15,12 @@ than the time left is degraded to a faster model or not started.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -27,10 +28,14 @@ from pydantic import BaseModel, ValidationError
 
 from shoal.errors import (
     BackendUnavailableError,
+    ConfigError,
+    InvalidRequestError,
+    ModelNotInstalledError,
     OutputError,
     OutputTruncatedError,
     OverloadedError,
     ShoalError,
+    UnknownModelError,
 )
 from shoal.messages import ChatRequest, ChatResponse, Message
 from shoal.pipeline.cache import ResponseCache
@@ -279,6 +284,8 @@ class _Run:
         if deps:
             await asyncio.gather(*deps, return_exceptions=True)
         blocked = [d for d in step.inputs if d in self.pipeline.steps and d not in self.values]
+        if step.map_over is not None and self.values.get(step.map_over, []) is None:
+            blocked.append(step.map_over)  # an optional step that failed: nothing to map over
         state = self.states[name]
         if blocked:
             state.outcome.error = f"needs {', '.join(blocked)}, which did not finish"
@@ -288,10 +295,14 @@ class _Run:
             return
         state.started = time.monotonic()
         args = {source: self.values[source] for source in step.inputs}
-        items = list(args[step.map_over]) if step.map_over else [None]
-        state.outcome.items = len(items)
-        self.on_event(RunEvent("step_started", name, items=len(items)))
+        items: list[Any] = [None]
         try:
+            if step.map_over is not None:
+                if not isinstance(args[step.map_over], list | tuple):
+                    raise StepFailed(f"maps over {step.map_over!r}, which did not give a list")
+                items = list(args[step.map_over])
+            state.outcome.items = len(items)
+            self.on_event(RunEvent("step_started", name, items=len(items)))
             if step.map_over is None:
                 self.values[name] = await self._one(step, args, None, None)
             else:
@@ -315,6 +326,11 @@ class _Run:
                     raise StepFailed(f"every item failed; the last: {state.outcome.error}")
                 self.values[name] = aligned
             state.outcome.status = "partial" if state.outcome.items_failed else "ok"
+        except asyncio.CancelledError:
+            # The deadline: calls in flight were cancelled (and are traced as such).
+            state.outcome.status = "partial" if name in self.values else "failed"
+            state.outcome.error = "cancelled at the deadline"
+            raise
         except Exception as exc:
             state.outcome.error = f"{type(exc).__name__}: {exc}"
             self._note_stop(exc)
@@ -339,6 +355,7 @@ class _Run:
 
     async def _one(self, step: Step, args: dict[str, Any], item: Any, key: str | None) -> Any:
         if step.map_over is not None and item is None:
+            self.on_event(RunEvent("item_done", step.name))
             return None  # the item failed upstream; it stays a gap
         async with self.slots:
             if isinstance(step, PythonStep):
@@ -346,9 +363,10 @@ class _Run:
                 if step.map_over is not None:
                     call_args.pop(step.map_over, None)
                     call_args["item"] = item
-                value = step.fn(**call_args)
-                if isinstance(value, Awaitable):
-                    value = await value
+                if inspect.iscoroutinefunction(step.fn):
+                    value = await step.fn(**call_args)
+                else:  # plain Python may block (files, CPU): keep the event loop free
+                    value = await asyncio.to_thread(step.fn, **call_args)
             else:
                 value = await self._model_step(step, args, item, key)
         self.on_event(RunEvent("item_done", step.name))
@@ -378,10 +396,13 @@ class _Run:
         model = step.model
         outcome = self.states[step.name].outcome
         attempt = 0
+        fell_back = False
         while True:
-            model = self._affordable(step, model, request)
             try:
-                response = await self._call(step, model, request, key)
+                response = self._cached(step, model, request, key)
+                if response is None:
+                    model = self._affordable(step, model, request)
+                    response = await self._call(step, model, request, key)
             except OutputTruncatedError:
                 if attempt >= step.retries:
                     raise
@@ -399,11 +420,11 @@ class _Run:
                     attempt += 1
                     await asyncio.sleep(self.runner.backoff_s * 2 ** (attempt - 1))
                     continue
-                if step.fallback is not None and model != step.fallback:
+                if step.fallback is not None and not fell_back:
                     outcome.degraded.append(
                         f"{model} failed ({type(exc).__name__}): fell back to {step.fallback}"
                     )
-                    model, attempt = step.fallback, 0
+                    model, attempt, fell_back = step.fallback, 0, True
                     continue
                 raise
             if step.output is None:
@@ -417,6 +438,19 @@ class _Run:
                     ) from exc
                 attempt += 1
                 request = _with_correction(request, exc)
+
+    def _cached(
+        self, step: ModelStep, model: str, request: ChatRequest, key: str | None
+    ) -> ChatResponse | None:
+        """A free answer from the cache, before any budget or time check could refuse it."""
+        cache = self.runner.cache
+        hit = cache.get(model, request) if cache is not None else None
+        if hit is not None:
+            outcome = self.states[step.name].outcome
+            outcome.cached += 1
+            outcome.calls += 1
+            self.runner.caller.record_cached(hit, run_id=self.run_id, step=step.name, item=key)
+        return hit
 
     def _affordable(self, step: ModelStep, model: str, request: ChatRequest) -> str:
         """`model`, or the first cheaper/faster stand-in that fits the budget and time left."""
@@ -452,11 +486,6 @@ class _Run:
         caller = self.runner.caller
         outcome = self.states[step.name].outcome
         cache = self.runner.cache
-        if cache is not None and (hit := cache.get(model, request)) is not None:
-            outcome.cached += 1
-            outcome.calls += 1
-            caller.record_cached(hit, run_id=self.run_id, step=step.name, item=key)
-            return hit
         reserved = caller.worst_case_cost(model, request)
         if not self.budget.reserve(reserved):
             raise BudgetExhausted(f"budget exhausted: ${self.budget.left_usd:.6f} left")
@@ -472,7 +501,7 @@ class _Run:
             if exc.response is not None:  # answered in the wrong form: the work is paid for
                 spent = exc.response.total_cost_usd
             raise
-        except (BackendUnavailableError, OverloadedError):
+        except _BEFORE_ANY_WORK:
             spent = 0.0  # refused before any work was done
             raise
         finally:
@@ -482,6 +511,19 @@ class _Run:
         if cache is not None:
             cache.put(model, request, response)
         return response
+
+
+# Errors raised before a model does any work: the call costs nothing. Any other failure (a
+# timeout, a stream cut short, a cancellation) keeps its whole reservation: the work it did is
+# paid for and not known.
+_BEFORE_ANY_WORK = (
+    BackendUnavailableError,
+    OverloadedError,
+    InvalidRequestError,
+    ModelNotInstalledError,
+    UnknownModelError,
+    ConfigError,
+)
 
 
 def _fits_money(caller: Caller, model: str, request: ChatRequest, budget: Budget) -> bool:
