@@ -9,7 +9,8 @@ is scored against the all-large one:
 - NDCG@5: relevance of a listing = the score the all-large run gave it (0 if it did not rank it);
   the routed top five is discounted by rank and divided by the all-large ideal. When the all-large
   run ranks nothing (nothing fits), a routed run that ranks nothing scores 1, else 0.
-- cost: the runs' traced cost (host price x compute time); wall: the runs' wall time.
+- cost: what each run's budget was charged (host price x compute time of every call, failed
+  ones included); wall: the runs' wall time.
 - orchestration (routed runs): the critical-path bound from traced compute times — steps in
   dependency order, and within a step the calls on one model one after another (one llama.cpp
   instance computes one call at a time) — against the run's wall time. The same requests are then
@@ -83,7 +84,7 @@ def critical_path(pipeline: Pipeline, calls: list[CallRecord]) -> float:
     """Lower bound on wall time: steps in order, calls on one model serialised within a step."""
     per_step: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for call in calls:
-        if call.status == "ok" and not call.cached:
+        if not call.cached:  # failed calls computed too
             per_step[call.step or ""][call.model] += call.compute_s
     finish: dict[str, float] = {}
     for name in pipeline.order:

@@ -180,6 +180,11 @@ def finalists(candidates: Candidates, shortlist: list[Picks | None], city: str) 
     return [Finalist(listing=menu[i], reviews=review_sample(city, menu[i].id)) for i in order]
 
 
+def cards(finalists: list[Finalist]) -> list[str]:
+    """What the scorer reads of each finalist: the listing in one paragraph, and its reviews."""
+    return [f.card() for f in finalists]
+
+
 def rank(finalists: list[Finalist], scores: list[Score | None]) -> list[Ranked]:
     ranked = [
         Ranked(
@@ -261,12 +266,13 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 optional=True,
             ),
             PythonStep("finalists", finalists),
+            PythonStep("cards", cards),
             ModelStep(
                 "scores",
                 model=use["rental-score"],
                 output=Score,
-                inputs=("criteria", "finalists"),
-                map_over="finalists",
+                inputs=("criteria", "cards"),
+                map_over="cards",
                 system="You judge how well a rental listing fits a guest's criteria.",
                 prompt="Criteria: {criteria}\nListing: {item}\n\nScore the fit from 0 (bad) to 10 "
                 "(perfect), with a reason of one short sentence.",

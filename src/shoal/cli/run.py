@@ -259,9 +259,10 @@ def runs_show(
         )
     out.print(per_model)
     large = large_model(fleet)
-    known = [c for c in calls if c.model in fleet.ids and c.status == "ok"]
+    # Calls the cache answered cost nothing here and would have cost nothing there either.
+    known = [c for c in calls if c.model in fleet.ids and not c.cached]
     if known:
-        actual = sum(c.cost_usd for c in known if not c.cached)
+        actual = sum(c.cost_usd for c in known)
         counterfactual = sum(cost_on(fleet, large, c) for c in known)
         ratio = actual / counterfactual if counterfactual else 0.0
         out.print(
