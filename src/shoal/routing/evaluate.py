@@ -261,7 +261,9 @@ def metrics(curve: Curve, ref: Reference) -> dict[str, float | None]:
 def baseline_curves(table: OutcomeTable) -> dict[str, Curve]:
     singles = single_points(table)
     ref = Reference.of(table)
-    zc, zq = upper_hull(singles.cost, singles.quality)
+    hc, hq = upper_hull(singles.cost, singles.quality)
+    zc = np.linspace(hc[0], hc[-1], 41)  # mixing two neighbours on the hull reaches every cost
+    zq = np.interp(zc, hc, hq)
     cheapest = Curve(
         "always cheapest", np.array([ref.c_cheap]), np.array([ref.q_cheap]), np.array([0.0])
     )
