@@ -342,7 +342,7 @@ def route_explain(
     fleet_file: FleetOption = None,
 ) -> None:
     """Each candidate's predicted quality, cost and latency, and why the route chose."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from shoal.cli.main import _fleet, _guard, _run
     from shoal.engine import Engine
@@ -354,6 +354,8 @@ def route_explain(
     routed = _guard(partial(engine.route, route))
     assert isinstance(routed, RoutedModel)
     request = ChatRequest.of(prompt, max_tokens=max_tokens)
+    # The first decision loads the route (the embedder, for a predictive one).
+    first = _guard(partial(routed.decide, ChatRequest.of("Hello!", max_tokens=max_tokens)))
     decision = _guard(partial(routed.decide, request))
     response = None
     if answer:
@@ -377,13 +379,15 @@ def route_explain(
         typer.echo(json.dumps(data, indent=2))
         return
     table = Table(
-        "candidate",
-        "predicted quality",
-        "expected cost $",
-        "p95 latency s",
+        Column("candidate", no_wrap=True),
+        Column("quality", justify="right"),
+        Column("cost $", justify="right"),
+        Column("p95 s", justify="right"),
         "eligible",
         "note",
         title=f"route {route}: {prompt[:60]!r}",
+        caption="quality: predicted chance of a good answer; cost: expected per call; "
+        "p95 s: measured latency",
     )
     chosen = set(decision.models)
     for e in decision.estimates:
@@ -402,7 +406,10 @@ def route_explain(
     out.print(f"why: {decision.reason}", markup=False, highlight=False)
     if not decision.target_met:
         out.print("[bold red]the route's target is NOT met for this request[/]")
-    out.print(f"decided in {decision.decision_s * 1000:.1f} ms")
+    out.print(
+        f"decided in {decision.decision_s * 1000:.1f} ms "
+        f"(the first decision, loading the route: {first.decision_s * 1000:.0f} ms)"
+    )
     if response is not None:
         out.print(f"\nanswer from {response.model}: {response.text}", markup=False)
         tried = ", ".join(a.model for a in response.attempts) or "none"

@@ -80,7 +80,7 @@ class CalibratedRouter(Router):
                     f"route {self.spec.name!r} is not calibrated for its current settings; run: "
                     f"shoal route calibrate {self.spec.name}"
                 )
-            self._featurizer = predictive.minilm_featurizer(self.cache_dir)
+            self._featurizer = predictive.minilm_featurizer(self.cache_dir, cached=False)
             self._router = PredictiveRouter.load(self.path, self._featurizer)
             self._router.min_quality = self.spec.min_quality
             self._router.rename(self.name)

@@ -440,22 +440,28 @@ class PredictiveRouter(Router):
         chosen = cards[best].id
         best_q = int(np.argmax(quality))
         why = (
-            f"{chosen}: predicted quality {quality[best]:.2f} at ${cost[best]:.3g}"
-            f" (score = quality - {self.lam:.3g} x cost / ${self.ref_cost:.3g})"
+            f"{chosen} is predicted to answer well with probability {quality[best]:.2f}, "
+            f"for about ${cost[best]:.2g}. "
         )
         if best_q != best:
             gain = float(quality[best_q] - quality[best])
             ratio = float(cost[best_q] / max(cost[best], 1e-15))
             why += (
-                f"; {cards[best_q].id} is predicted {gain:.2f} better but costs {ratio:.1f}x as "
-                "much, which the route's cost weight does not justify"
+                f"{cards[best_q].id} is predicted only {gain:.2f} better but costs {ratio:.1f}x "
+                "as much: not worth it at this route's cost weight. "
             )
-        else:
-            why += "; it is also the model predicted best"
+        elif len(cards) > 1:
+            why += "No other model is predicted to do better. "
+        why += (
+            f"(Each model scores predicted quality minus {self.lam:.3g} x its cost relative to "
+            f"${self.ref_cost:.2g}, the dearest model's typical call; the highest score wins."
+        )
         if not self.target_met:
-            why += f"; NOTE: calibration could not meet the target ({self.target})"
+            why += f" NOTE: calibration could not meet the target, {self.target}.)"
         elif self.target:
-            why += f"; the cost weight was calibrated for {self.target}"
+            why += f" The weight was calibrated so that the route keeps {self.target}.)"
+        else:
+            why += ")"
         return why
 
     # -- persistence -------------------------------------------------------------------------
@@ -511,9 +517,12 @@ class PredictiveRouter(Router):
         )
 
 
-def minilm_featurizer(cache_dir: Path, *, backend: str = "auto") -> Featurizer:
-    """MiniLM (GGUF when available) behind an on-disk cache of vectors, plus text features."""
+def minilm_featurizer(cache_dir: Path, *, backend: str = "auto", cached: bool = True) -> Featurizer:
+    """MiniLM (GGUF when available) plus text features; with `cached`, behind an on-disk cache
+    of vectors (for outcome tables; a live route embeds each query afresh)."""
     from shoal.models.embedder import EmbeddingCache, minilm
 
     inner = minilm(cache_dir, backend)  # type: ignore[arg-type]
+    if not cached:
+        return Featurizer(inner)
     return Featurizer(EmbeddingCache(inner, cache_dir / "embeddings.sqlite"))
