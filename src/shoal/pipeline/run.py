@@ -172,7 +172,10 @@ class Runner:
         budget_usd: float | None = None,
         deadline_s: float | None = None,
         on_event: OnEvent | None = None,
+        run_id: str | None = None,
     ) -> RunResult:
+        """Run `pipeline` on `inputs`. `run_id` names a trace run the caller already started
+        (a server answers with the id before the run begins); by default the run starts its own."""
         missing = [name for name in pipeline.inputs if name not in inputs]
         if missing:
             from shoal.pipeline.graph import PipelineError
@@ -181,6 +184,7 @@ class Runner:
                 f"pipeline {pipeline.name!r}: missing input(s) {', '.join(missing)}"
             )
         run = _Run(self, pipeline, dict(inputs), Budget(budget_usd), deadline_s, on_event)
+        run.run_id = run_id
         return await run.execute()
 
 
@@ -218,7 +222,7 @@ class _Run:
 
     async def execute(self) -> RunResult:
         traces = self.runner.traces
-        if traces is not None:
+        if traces is not None and self.run_id is None:
             self.run_id = traces.start_run(
                 self.pipeline.name, budget_usd=self.budget.limit_usd, deadline_s=self.deadline_s
             )

@@ -1,16 +1,18 @@
 """`create_app(engine, settings)`: the OpenAI-compatible server as a Starlette app.
 
 Everything the app holds hangs off `app.state.shoal` (`ServerState`): the engine that answers,
-the key store, the metrics. Nothing lives at module level, so several apps (tests) coexist.
+the key store, the metrics, the pipelines it serves and their runs. Nothing lives at module
+level, so several apps (tests) coexist.
 
-    app = create_app(Engine(), ServerSettings(auth=False))
+    app = create_app(Engine(), ServerSettings(auth=False))  # serves the rental pipeline
+    app = create_app(engine, settings, pipelines={"triage": triage})
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -21,10 +23,12 @@ from starlette.responses import Response
 
 from shoal.engine import Engine
 from shoal.errors import ShoalError
+from shoal.pipeline.graph import Pipeline
 from shoal.server.errors import ErrorReply, error_reply, http_error_reply
 from shoal.server.keys import KeyStore
 from shoal.server.metrics import Metrics
 from shoal.server.routes import ROUTES
+from shoal.server.runs import KEEP_RUNS, MAX_RUNS, RUN_ROUTES, RunBook, default_pipelines
 from shoal.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,7 @@ class ServerState:
     settings: ServerSettings
     keys: KeyStore | None
     metrics: Metrics
+    runs: RunBook
 
 
 def _reply(reply: ErrorReply, request: Request) -> Response:
@@ -68,28 +73,40 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    engine: Engine, settings: ServerSettings | None = None, *, close_engine: bool = False
+    engine: Engine,
+    settings: ServerSettings | None = None,
+    *,
+    pipelines: Mapping[str, Pipeline] | None = None,
+    max_runs: int = MAX_RUNS,
+    keep_runs: int = KEEP_RUNS,
+    close_engine: bool = False,
 ) -> Starlette:
-    """The server for `engine`. With `close_engine`, the app closes the engine when it stops
-    (the command line hands it over); otherwise the caller keeps it."""
+    """The server for `engine`. It runs `pipelines` by name (by default the rental pipeline,
+    its routes registered on `engine`), at most `max_runs` at once, and keeps the last
+    `keep_runs` finished runs readable. With `close_engine`, the app closes the engine when it
+    stops (the command line hands it over); otherwise the caller keeps it."""
     settings = settings or ServerSettings()
+    if pipelines is None:
+        pipelines = default_pipelines(engine)
+    runs = RunBook(pipelines, max_runs=max_runs, keep_runs=keep_runs)
     keys = None
     if settings.auth:
         keys = KeyStore(settings.keys_path or engine.fleet.cache_dir / KEYS_FILE)
-    state = ServerState(engine=engine, settings=settings, keys=keys, metrics=Metrics())
+    state = ServerState(engine=engine, settings=settings, keys=keys, metrics=Metrics(), runs=runs)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
+            await runs.aclose()  # runs in flight settle their keys' reservations first
             if keys is not None:
                 keys.close()
             if close_engine:
                 await engine.aclose()
 
     app = Starlette(
-        routes=ROUTES,
+        routes=[*ROUTES, *RUN_ROUTES],
         exception_handlers={
             ShoalError: _shoal_error,
             HTTPException: _http_error,

@@ -8,6 +8,8 @@ The server's exceptions join shoal's tree under `ShoalError`:
     ├── MalformedRequestError       the body is not JSON, or not a valid chat request   400
     ├── UnsupportedParameterError   a field shoal does not honour (tools, n=2, ...)     400
     └── PayloadTooLargeError        the body is over the configured limit               413
+    UnknownPipelineError            no pipeline of that name (the message lists them)   404
+    UnknownRunError                 no run of that id (or not this key's)               404
     AuthenticationError             no API key, or an unknown one                       401
     BudgetExceededError             the key's remaining budget is below the call's worst case  402
     RateLimitedError (Overloaded)   the key's requests per minute, or its budget is held by
@@ -21,6 +23,7 @@ held by calls still in flight is a 429 with `Retry-After`: it frees up when they
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shoal.errors import (
@@ -59,6 +62,19 @@ class PayloadTooLargeError(InvalidRequestError):
         super().__init__(f"the request body is over the limit of {limit} bytes")
 
 
+class UnknownPipelineError(ShoalError):
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        choices = ", ".join(self.known) or "none served"
+        super().__init__(f"unknown pipeline {name!r}; valid pipelines: {choices}")
+
+
+class UnknownRunError(ShoalError):
+    def __init__(self, pipeline: str, run_id: str) -> None:
+        super().__init__(f"pipeline {pipeline!r} has no run {run_id!r}")
+
+
 class AuthenticationError(ShoalError):
     pass
 
@@ -88,6 +104,8 @@ RULES: tuple[Rule, ...] = (
     Rule(InvalidRequestError, 400, "invalid_request_error", "invalid_request"),
     Rule(UnknownModelError, 404, "invalid_request_error", "model_not_found"),
     Rule(UnknownRouteError, 404, "invalid_request_error", "model_not_found"),
+    Rule(UnknownPipelineError, 404, "invalid_request_error", "pipeline_not_found"),
+    Rule(UnknownRunError, 404, "invalid_request_error", "run_not_found"),
     Rule(AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     Rule(BudgetExceededError, 402, "insufficient_quota", "budget_exceeded"),
     Rule(RateLimitedError, 429, "rate_limit_error", "rate_limit_exceeded"),

@@ -1,11 +1,13 @@
 """The server's OpenAPI 3.1 description, generated from the wire models in `openai_schema`.
 
-Served at `/openapi.json`; the names the server answers to are listed as examples of `model`.
+Served at `/openapi.json`; the names the server answers to are listed as examples of `model`,
+the pipelines it runs as examples of a run's `name`.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -18,6 +20,7 @@ from shoal.server.openai_schema import (
     ErrorBody,
     ModelList,
 )
+from shoal.server.runs import RunEventData, RunInfo, RunRequest
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {
@@ -40,6 +43,9 @@ def _schemas() -> dict[str, Any]:
         (ChatCompletion, "serialization"),
         (ModelList, "serialization"),
         (ErrorBody, "serialization"),
+        (RunRequest, "validation"),
+        (RunInfo, "serialization"),
+        (RunEventData, "serialization"),
     ]
     _, top = models_json_schema(models, ref_template=_REF)
     return dict(top.get("$defs", {}))
@@ -53,7 +59,77 @@ def _error(text: str) -> dict[str, Any]:
     return {"description": text, "content": {"application/json": {"schema": _ref("ErrorBody")}}}
 
 
-def openapi_spec(*, names: list[str], auth: bool) -> dict[str, Any]:
+_RUN_ERRORS = {
+    "400": "not JSON, unknown fields, missing or unknown inputs (budget_usd is required with keys)",
+    "401": _ERRORS["401"],
+    "402": "the key's budget cannot cover the run's budget_usd",
+    "404": "no pipeline of that name (the message lists the valid names), or no such run",
+    "413": _ERRORS["413"],
+    "429": "the server's runs in flight are at their limit, or the key's rate limit or budget "
+    "held by calls in flight (see Retry-After)",
+}
+
+
+def _run_paths(
+    pipelines: Sequence[str], security: list[dict[str, list[str]]], auth: bool
+) -> dict[str, Any]:
+    def errors(*codes: str) -> dict[str, Any]:
+        return {c: _error(_RUN_ERRORS[c]) for c in codes if auth or c not in ("401", "402")}
+
+    name = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "examples": list(pipelines)},
+    }
+    run_id = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    info = {"application/json": {"schema": _ref("RunInfo")}}
+    return {
+        "/v1/pipelines/{name}/runs": {
+            "post": {
+                "operationId": "startPipelineRun",
+                "security": security,
+                "parameters": [name],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("RunRequest")}},
+                },
+                "responses": {
+                    "202": {"description": "the run started", "content": info},
+                    **errors("400", "401", "402", "404", "413", "429"),
+                },
+            }
+        },
+        "/v1/pipelines/{name}/runs/{run_id}": {
+            "get": {
+                "operationId": "readPipelineRun",
+                "security": security,
+                "parameters": [name, run_id],
+                "responses": {
+                    "200": {"description": "the run's status, and its result", "content": info},
+                    **errors("401", "404"),
+                },
+            }
+        },
+        "/v1/pipelines/{name}/runs/{run_id}/events": {
+            "get": {
+                "operationId": "streamPipelineRunEvents",
+                "security": security,
+                "parameters": [name, run_id],
+                "responses": {
+                    "200": {
+                        "description": "server-sent events, each a RunEventData; the last is "
+                        "run_done, carrying the result",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **errors("401", "404"),
+                },
+            }
+        },
+    }
+
+
+def openapi_spec(*, names: list[str], auth: bool, pipelines: Sequence[str] = ()) -> dict[str, Any]:
     schemas = copy.deepcopy(_schemas())
     model_field = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_field["examples"] = names
@@ -100,6 +176,7 @@ def openapi_spec(*, names: list[str], auth: bool) -> dict[str, Any]:
                     },
                 }
             },
+            **_run_paths(pipelines, security, auth),
             "/healthz": {
                 "get": {
                     "operationId": "health",

@@ -1,4 +1,5 @@
-"""The endpoints: `/v1/chat/completions`, `/v1/models`, `/healthz`, `/metrics`, `/openapi.json`.
+"""The endpoints: `/v1/chat/completions`, `/v1/models`, `/healthz`, `/metrics`, `/openapi.json`
+(pipeline runs are in `runs`).
 
 A completion goes: API key → body (size-limited) → OpenAI request → `ChatRequest` → model or
 route by name (404 lists the valid names) → rate limit → budget reservation of its worst-case
@@ -471,7 +472,9 @@ async def openapi(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     from shoal.server.openapi import openapi_spec
 
-    spec = openapi_spec(names=state.engine.names, auth=state.keys is not None)
+    spec = openapi_spec(
+        names=state.engine.names, auth=state.keys is not None, pipelines=list(state.runs.pipelines)
+    )
     return JSONResponse(spec)
 
 
