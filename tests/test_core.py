@@ -100,3 +100,18 @@ def test_errors_say_whether_to_retry() -> None:
     assert shoal.OverloadedError("full").retryable
     assert not shoal.ConfigError("c").retryable
     assert not shoal.ContextWindowExceededError("m", 10, 5, 12).retryable
+
+
+def test_output_errors_carry_the_costed_response() -> None:
+    from shoal import ChatResponse, OutputInvalidError
+    from shoal.models.output import check_json
+
+    schema = {"type": "object", "properties": {"n": {"minimum": 0}}, "required": ["n"]}
+    request = ChatRequest.of("q", json_schema=schema)
+    for text in ('{"n": -1}', "not json", '{"m": 1}'):
+        response = ChatResponse(
+            model="m", text=text, finish_reason="stop", usage=Usage(), latency_s=1, cost_usd=0.5
+        )
+        with pytest.raises(OutputInvalidError) as caught:
+            check_json(request, response)
+        assert caught.value.response is response

@@ -37,7 +37,9 @@ def check_json(request: ChatRequest, response: ChatResponse) -> Any:
             jsonschema.validate(value, request.json_schema)
         except jsonschema.ValidationError as exc:
             raise OutputInvalidError(
-                f"{model_id}: output does not match the schema: {exc.message}", text=text
+                f"{model_id}: output does not match the schema: {exc.message}",
+                text=text,
+                response=response,
             ) from exc
     elif not isinstance(value, dict):
         raise OutputInvalidError(
