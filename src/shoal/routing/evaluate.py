@@ -357,16 +357,15 @@ def plot(
             textcoords="offset points",
         )
     base = baseline_curves(table)
-    ax.plot(
-        base["random"].cost / ref.c_best, base["random"].quality, ":", color="gray", label="random"
-    )
-    ax.plot(
-        base["zero router"].cost / ref.c_best,
-        base["zero router"].quality,
-        "--",
-        color="gray",
-        label="zero router",
-    )
+
+    def dense(curve: Curve) -> tuple[Array, Array]:
+        """The curve's hull sampled densely: straight in linear cost, curved on the log axis."""
+        hc, hq = upper_hull(curve.cost, curve.quality)
+        grid = np.geomspace(max(hc[0], 1e-15), max(hc[-1], hc[0] * 1.0001), 200)
+        return grid / ref.c_best, np.interp(grid, hc, hq)
+
+    ax.plot(*dense(base["random"]), ":", color="gray", label="random")
+    ax.plot(*dense(base["zero router"]), "--", color="gray", label="zero router")
     oracle = base["oracle"]
     ax.scatter(
         oracle.cost / ref.c_best,
@@ -379,8 +378,7 @@ def plot(
         label="oracle",
     )
     for curve in curves:
-        hc, hq = upper_hull(curve.cost, curve.quality)
-        ax.plot(hc / ref.c_best, hq, "-", label=curve.label)
+        ax.plot(*dense(curve), "-", label=curve.label)
     for label, c, q in marks:
         ax.scatter([c], [q], marker="D", s=50, zorder=5, label=label)
     ax.axhline(0.95 * ref.q_best, color="red", linewidth=0.6, alpha=0.5)
