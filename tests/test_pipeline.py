@@ -522,3 +522,31 @@ async def test_a_fallback_is_tried_once(tmp_path: Path) -> None:
     assert result.status == "failed"
     models = [c.model for c in engine.traces.calls()]
     assert models.count("backup") == 3  # its own retries, then the step gives up
+
+
+async def test_a_routed_cascade_shares_one_cost_cap(tmp_path: Path) -> None:
+    from shoal.routing.base import RoutedModel
+    from shoal.routing.policies import FallbackRouter
+
+    class Escalate(FallbackRouter):
+        def accept(self, request, response, earlier=()):  # type: ignore[no-untyped-def]
+            return response.model != "a", 0.0  # never keep the first answer
+
+    seen: list[float | None] = []
+
+    def answer(request: ChatRequest) -> str:
+        seen.append(request.max_cost_usd)
+        return "four words of answer"
+
+    route = RoutedModel(
+        "chain",
+        Escalate(["a", "b"]),
+        [
+            FunctionModel(answer, model_id="a", price=PRICE),
+            FunctionModel(answer, model_id="b", price=PRICE),
+        ],
+    )
+    response = await route.generate(ChatRequest.of("q", max_cost_usd=0.5))
+    (first,) = response.attempts
+    assert seen == [0.5, pytest.approx(0.5 - first.cost_usd)]
+    assert response.total_cost_usd == pytest.approx(first.cost_usd + response.cost_usd)

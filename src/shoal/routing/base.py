@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shoal.cards import HostPrice, ModelCard
-from shoal.errors import ConfigError, ShoalError
+from shoal.errors import ConfigError, OutputError, ShoalError
 from shoal.messages import (
     ChatRequest,
     ChatResponse,
@@ -204,9 +204,18 @@ class RoutedModel(Model):
         last_error: ShoalError | None = None
         for i, model_id in enumerate(decision.models):
             final = i == len(decision.models) - 1
+            # A cost cap covers the whole route: each stage gets what the earlier ones left.
+            spent = sum(a.total_cost_usd for a in attempts)
+            stage = request
+            if request.max_cost_usd is not None:
+                left = max(request.max_cost_usd - spent, 0.0)
+                stage = request.model_copy(update={"max_cost_usd": left})
             try:
-                response = await self._models[model_id].generate(request)
+                response = await self._models[model_id].generate(stage)
             except ShoalError as exc:
+                if isinstance(exc, OutputError) and exc.response is not None and attempts:
+                    # The earlier stages' answers were paid for too: keep them with the error.
+                    exc.response = exc.response.model_copy(update={"attempts": tuple(attempts)})
                 if final or not exc.retryable:
                     raise
                 log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
