@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
+
+from shoal.cli.common import FleetOption, err, out
+from shoal.cli.common import fleet_from as _fleet
+from shoal.cli.common import guard as _guard
+from shoal.cli.common import run_coroutine as _run
 
 if TYPE_CHECKING:
     from shoal.fleet import Fleet
@@ -18,16 +22,6 @@ if TYPE_CHECKING:
 
 route_app = typer.Typer(help="Named routes: calibrate, evaluate, explain.", no_args_is_help=True)
 outcomes_app = typer.Typer(help="Outcome tables: per-query quality and cost.", no_args_is_help=True)
-
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-FleetOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--fleet", envvar="SHOAL_FLEET", help="Fleet YAML file (default: the embedded fleet)."
-    ),
-]
 
 
 # -- outcomes ------------------------------------------------------------------------------------
@@ -57,7 +51,6 @@ def outcomes_build(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from shoal.cli.main import _fleet, _guard, _run
     from shoal.errors import ConfigError
     from shoal.models.base import Model
     from shoal.routing import datasets
@@ -126,7 +119,6 @@ def outcomes_show(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Each model's mean score and cost on a table, per group."""
-    from shoal.cli.main import _guard
     from shoal.routing.outcomes import read_table
 
     table = _guard(lambda: read_table(table_file))
@@ -185,7 +177,6 @@ def _spec(fleet: Fleet, name: str) -> RouteSpec:
 @route_app.command("list")
 def route_list(fleet_file: FleetOption = None) -> None:
     """The routes of the fleet file, with their kind and models."""
-    from shoal.cli.main import _fleet
 
     fleet = _fleet(fleet_file)
     if not fleet.settings.routes:
@@ -207,7 +198,6 @@ def route_calibrate(
     fleet_file: FleetOption = None,
 ) -> None:
     """Fit a route to its target on the table's train split; report it on the test split."""
-    from shoal.cli.main import _fleet, _guard
     from shoal.errors import ConfigError
     from shoal.routing.config import calibrate_route
     from shoal.settings import PredictiveRouteSpec
@@ -257,7 +247,6 @@ def route_eval(
 ) -> None:
     """APGR, CPT(50/80%), cost at 95% of the best model, AIQ: the route against random,
     always-cheapest, best single model, zero router and oracle, on the held-out split."""
-    from shoal.cli.main import _fleet, _guard
     from shoal.errors import ConfigError
     from shoal.routing import evaluate as ev
 
@@ -344,7 +333,6 @@ def route_explain(
     """Each candidate's predicted quality, cost and latency, and why the route chose."""
     from rich.table import Column, Table
 
-    from shoal.cli.main import _fleet, _guard, _run
     from shoal.engine import Engine
     from shoal.messages import ChatRequest
     from shoal.routing.base import RoutedModel
@@ -419,7 +407,6 @@ def route_explain(
 @route_app.command("setup")
 def route_setup(fleet_file: FleetOption = None) -> None:
     """Convert the MiniLM embedder to GGUF once (checked against torch) into the cache."""
-    from shoal.cli.main import _fleet, _guard
     from shoal.models.embedder import ensure_gguf
 
     fleet = _fleet(fleet_file)

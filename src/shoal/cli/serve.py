@@ -31,7 +31,7 @@ KeysOption = Annotated[
 def _keys_path(keys: Path | None, fleet_file: Path | None) -> Path:
     if keys is not None:
         return keys
-    from shoal.cli.main import _fleet
+    from shoal.cli.common import fleet_from as _fleet
     from shoal.server.app import KEYS_FILE
 
     return _fleet(fleet_file).cache_dir / KEYS_FILE
@@ -59,7 +59,8 @@ def serve(
     """Serve the fleet (and its routes) over an OpenAI-compatible HTTP API."""
     import uvicorn
 
-    from shoal.cli.main import _fleet, _guard
+    from shoal.cli.common import fleet_from as _fleet
+    from shoal.cli.common import guard as _guard
     from shoal.engine import TRACES_FILE, Engine
     from shoal.server import create_app
     from shoal.settings import ServerSettings
