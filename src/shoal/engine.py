@@ -92,19 +92,7 @@ class Engine:
             self._record_failure(name, exc, started, run_id, step, item)
             raise
         except asyncio.CancelledError:  # the caller went away (a client disconnected)
-            self.traces.record_call(
-                CallRecord(
-                    model=name,
-                    status="cancelled",
-                    route=self._route(name),
-                    run_id=run_id,
-                    step=step,
-                    item=item,
-                    started_at=started,
-                    finished_at=time.time(),
-                    latency_s=time.time() - started,
-                )
-            )
+            self._record_cancelled(name, started, run_id, step, item)
             raise
         self.record(
             response, started=started, route=self._route(name), run_id=run_id, step=step, item=item
@@ -142,19 +130,29 @@ class Engine:
             raise
         finally:
             if not finished:  # the consumer left before the end
-                self.traces.record_call(
-                    CallRecord(
-                        model=name,
-                        status="cancelled",
-                        route=self._route(name),
-                        run_id=run_id,
-                        step=step,
-                        item=item,
-                        started_at=started,
-                        finished_at=time.time(),
-                        latency_s=time.time() - started,
-                    )
-                )
+                self._record_cancelled(name, started, run_id, step, item)
+
+    def _record_cancelled(
+        self,
+        name: str,
+        started: float,
+        run_id: str | None,
+        step: str | None,
+        item: str | None,
+    ) -> None:
+        self.traces.record_call(
+            CallRecord(
+                model=name,
+                status="cancelled",
+                route=self._route(name),
+                run_id=run_id,
+                step=step,
+                item=item,
+                started_at=started,
+                finished_at=time.time(),
+                latency_s=time.time() - started,
+            )
+        )
 
     def _route(self, name: str) -> str | None:
         return name if name in self._routes else None
