@@ -7,11 +7,11 @@ costs nothing and is traced as cached.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import threading
 from pathlib import Path
 
 from shoal.messages import ChatRequest, ChatResponse
+from shoal.storage import open_sqlite
 
 
 def cache_key(model: str, request: ChatRequest) -> str:
@@ -22,14 +22,10 @@ def cache_key(model: str, request: ChatRequest) -> str:
 
 class ResponseCache:
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, response TEXT NOT NULL)"
+        self._db = open_sqlite(
+            path,
+            "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, response TEXT NOT NULL);",
         )
 
     def get(self, model: str, request: ChatRequest) -> ChatResponse | None:

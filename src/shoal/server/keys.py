@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from shoal.cards import HostPrice, ModelCard
 from shoal.messages import ChatRequest
 from shoal.server.errors import AuthenticationError, BudgetExceededError, RateLimitedError
+from shoal.storage import open_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +144,8 @@ class Reservation:
 class KeyStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
+        self._db = open_sqlite(path, _SCHEMA)
         self._live: dict[str, KeyState] = {}
         self.uncharged_pusd = 0
         # Settled charges are written in one transaction FLUSH_AFTER_S after the first of them,
