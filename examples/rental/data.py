@@ -42,11 +42,11 @@ class Listing(BaseModel):
     km_to_downtown: float
 
     def summary(self) -> str:
-        amenities = ", ".join(self.amenities[:12])
+        amenities = ", ".join(self.amenities[:8])
         return (
             f"{self.title} | {self.room_type}, {self.bedrooms} bedroom(s), sleeps "
             f"{self.accommodates}, ${self.price:.0f}/night, {self.km_to_downtown:.1f} km from "
-            f"downtown | {self.description[:220]} | amenities: {amenities}"
+            f"downtown | {self.description[:150]} | amenities: {amenities}"
         )
 
 

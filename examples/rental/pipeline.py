@@ -43,7 +43,7 @@ nice_to_haves: things the guest would like but does not require (e.g. "quiet", "
 Example. Request: "a cheap studio for 2 near downtown with wifi, ideally quiet"
 {"max_price": null, "guests": 2, "bedrooms": 0, "area": "downtown", "must_haves": ["wifi"],
  "nice_to_haves": ["quiet"]}"""
-SHORTLIST_SIZE = 12
+SHORTLIST_SIZE = 8
 FINALISTS = 5
 
 
