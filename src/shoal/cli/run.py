@@ -267,6 +267,6 @@ def runs_show(
         ratio = actual / counterfactual if counterfactual else 0.0
         out.print(
             f"The same calls on {large} would have cost ${counterfactual:.6f} "
-            f"(estimated from its measured speed); this run paid ${actual:.6f}, {ratio:.0%} of it.",
+            f"(estimated at its card's speed); this run paid ${actual:.6f}, {ratio:.0%} of it.",
             highlight=False,
         )
