@@ -229,9 +229,6 @@ class Pipeline:
             visit(name)
         return done
 
-    def dependents(self, name: str) -> list[str]:
-        return [s for s in self.steps if name in self._deps(s)]
-
 
 def _is_union(kind: Any) -> bool:
     return typing.get_origin(kind) in (typing.Union, types.UnionType)

@@ -39,7 +39,7 @@ from shoal.errors import (
 )
 from shoal.messages import ChatRequest, ChatResponse, Message
 from shoal.pipeline.cache import ResponseCache
-from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep, Step
+from shoal.pipeline.graph import ModelStep, Pipeline, PipelineError, PythonStep, Step
 from shoal.traces.store import TraceStore
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,6 @@ class Runner:
         (a server answers with the id before the run begins); by default the run starts its own."""
         missing = [name for name in pipeline.inputs if name not in inputs]
         if missing:
-            from shoal.pipeline.graph import PipelineError
-
             raise PipelineError(
                 f"pipeline {pipeline.name!r}: missing input(s) {', '.join(missing)}"
             )
