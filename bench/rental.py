@@ -29,7 +29,7 @@ import math
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,8 @@ async def run(engine: Engine, pipeline: Pipeline, request: str, city: str) -> di
         "calls": len(calls),
         "ranked": (result.output or {}).get("ranked", []),
         "criteria": (result.output or {}).get("criteria"),
+        "finalists": [f["listing"]["id"] for f in result.values.get("finalists") or []],
+        "calls_by_step": dict(Counter(c.step for c in calls if not c.cached)),
     }
 
 
@@ -147,7 +149,8 @@ async def plain(engine: Engine, request: str, city: str, *, gather: bool) -> flo
         return (await engine.generate(step.model, ask(name, fields))).text
 
     started = time.monotonic()
-    criteria = rental.Criteria.model_validate_json(await call("criteria", {"request": request}))
+    read = rental.Criteria.model_validate_json(await call("read", {"request": request}))
+    criteria = rental.criteria(request, read)
     found = rental.candidates(criteria, city)
     picks = []
     for menu in rental.menus(found):
@@ -157,12 +160,13 @@ async def plain(engine: Engine, request: str, city: str, *, gather: bool) -> flo
             )
         )
     finalists = rental.finalists(found, picks, city)
-    fields = [{"criteria": criteria.model_dump_json(), "item": f.card()} for f in finalists]
+    wishes = rental.wishes(criteria)
+    fields = [{"request": request, "wishes": wishes, "item": f.card()} for f in finalists]
     if gather:
         texts = await asyncio.gather(*(call("scores", f) for f in fields))
     else:
         texts = [await call("scores", f) for f in fields]
-    ranked = rental.rank(finalists, [rental.Score.model_validate_json(t) for t in texts])
+    ranked = rental.rank(criteria, finalists, [rental.Fit.model_validate_json(t) for t in texts])
     for brief in rental.briefs(ranked):
         await call("explain", {"request": request, "item": brief})
     return time.monotonic() - started
@@ -265,6 +269,20 @@ async def main() -> None:
         "requests": len(rows),
         "ndcg5_mean": statistics.mean(r["ndcg5"] for r in rows) if rows else None,
         "ndcg5_median": statistics.median(r["ndcg5"] for r in rows) if rows else None,
+        # Stricter than NDCG: the same first choice, and the same five finalists scored.
+        "same_top_pick": statistics.mean(
+            (r["routed"]["ranked"] or [{}])[0].get("listing_id")
+            == (r["large"]["ranked"] or [{}])[0].get("listing_id")
+            for r in rows
+        )
+        if rows
+        else None,
+        "same_finalists": statistics.mean(
+            set(r["routed"].get("finalists", [])) == set(r["large"].get("finalists", []))
+            for r in rows
+        )
+        if rows
+        else None,
         "routed_cost_usd": routed_cost,
         "all_large_cost_usd": large_cost,
         "cost_ratio": routed_cost / large_cost if large_cost else None,

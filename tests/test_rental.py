@@ -14,7 +14,8 @@ from shoal.fleet import Fleet
 from shoal.pipeline.run import Runner
 from shoal.pipeline.spec import dump_yaml, load_yaml
 from shoal_examples.rental import pipeline as rental
-from shoal_examples.rental.data import load_listings, review_sample
+from shoal_examples.rental.criteria import ground
+from shoal_examples.rental.data import Listing, load_listings, review_sample
 
 PRICE = TokenPrice(input_per_mtok=1.0, output_per_mtok=2.0)
 
@@ -68,13 +69,104 @@ def test_no_listing_fits_says_why() -> None:
     assert "at most $20/night: 0" in found.note
 
 
+def test_criteria_keep_only_what_the_request_says() -> None:
+    # What the large model answered to this request: every number and wish but the price
+    # and the guests invented, and the budget missed.
+    read = criteria(
+        max_price=None,
+        guests=12,
+        bedrooms=4,
+        area="downtown",
+        must_haves=["wifi", "parking"],
+        nice_to_haves=["balcony"],
+    )
+    assert ground("a place for 12 people for under $40 a night", read) == criteria(
+        max_price=40, guests=12
+    )
+    kept = ground(
+        "quiet 2-bedroom near downtown under $150 with parking",
+        criteria(
+            max_price=150,
+            guests=2,
+            bedrooms=2,
+            area="downtown",
+            must_haves=["free parking"],
+            nice_to_haves=["quiet", "under $150"],
+        ),
+    )
+    assert kept == criteria(
+        max_price=150,
+        bedrooms=2,
+        area="downtown",
+        must_haves=["free parking"],
+        nice_to_haves=["quiet", "under $150"],
+    )
+    assert kept.wishes() == [("free parking", True), ("quiet", False)]  # not the budget again
+
+
+@pytest.mark.parametrize(
+    ("request_text", "guests", "bedrooms", "max_price"),
+    [
+        ("large group reunion, 8 guests, parking for 3 cars", 8, None, None),
+        ("romantic weekend for two, close to downtown", 2, None, None),
+        ("accessible ground floor unit for an elderly couple", 2, None, None),
+        ("studio under $70 with air conditioning", None, 0, 70),
+        ("3 bedrooms for a group of friends, free parking, budget 250", None, 3, 250),
+        ("family of 5 needs a whole house, up to $300 a night", 5, None, 300),
+    ],
+)
+def test_numbers_the_request_states_are_put_back(
+    request_text: str, guests: int | None, bedrooms: int | None, max_price: float | None
+) -> None:
+    got = ground(request_text, criteria(guests=99, bedrooms=99, max_price=99))
+    assert (got.guests, got.bedrooms, got.max_price) == (guests, bedrooms, max_price)
+
+
+def listing(**fields: object) -> Listing:
+    base = load_listings("albany")[0].model_dump() | {"amenities": [], "price": 100.0}
+    return Listing.model_validate(base | fields)
+
+
+def test_points_count_wishes_met_and_required_ones_double() -> None:
+    wanted = criteria(max_price=200, must_haves=["parking", "view"], nice_to_haves=["no stairs"])
+    assert rental.wishes(wanted) == "parking (required); view (required); no stairs"
+
+    def finalist(description: str, amenities: list[str]) -> rental.Finalist:
+        return rental.Finalist(
+            listing=listing(description=description, amenities=amenities, title="Flat"),
+            reviews=["Lovely stay."],
+        )
+
+    poor = rental.Fit(reviews="negative", fit="poor", reason="")
+    great = rental.Fit(reviews="positive", fit="great", reason="")
+    bare = finalist("Up three flights of stairs.", [])
+    # price 0.75 + distance 1, rounded; nothing wished for is there
+    assert rental.points(wanted, bare, poor) == 2
+    best = finalist("A river view, all on one level.", ["Free parking on premises"])
+    assert rental.points(wanted, best, great) == 10
+    # The amenity list settles parking, the text settles the view: required wishes count double.
+    parked = finalist("Up the stairs.", ["Free parking on premises"])
+    viewed = finalist("A view, up the stairs.", ["Free parking on premises"])
+    flat = finalist("No steps anywhere.", ["Free parking on premises"])
+    assert rental.points(wanted, viewed, poor) > rental.points(wanted, flat, poor)
+    assert rental.points(wanted, flat, poor) > rental.points(wanted, parked, poor)
+
+
+def test_no_shortlist_call_when_every_candidate_is_a_finalist() -> None:
+    few = rental.Candidates(listings=list(load_listings("albany")[:5]), matched=5, note="")
+    assert rental.menus(few) == []
+    many = rental.Candidates(listings=list(load_listings("albany")[:6]), matched=6, note="")
+    assert len(rental.menus(many)) == 1
+
+
 def stand_ins(criteria_json: dict[str, object]) -> dict[str, FunctionModel]:
     def shortlist(request: ChatRequest) -> str:
         return json.dumps({"picks": [2, 3, 4]})
 
     def score(request: ChatRequest) -> str:
         price = re.search(r"\$(\d+)/night", request.messages[-1].content)
-        return json.dumps({"score": int(price.group(1)) % 11 if price else 0, "reason": "fits"})
+        reviews = ["positive", "mixed", "negative"][int(price.group(1)) % 3 if price else 0]
+        return json.dumps({"reviews": reviews, "fit": "good", "reason": "fits"})
 
     return {
         "rental-criteria": FunctionModel(lambda r: json.dumps(criteria_json), price=PRICE),
@@ -119,7 +211,7 @@ async def test_the_pipeline_ranks_finalists_with_reasons(tmp_path: Path) -> None
     assert finalists == [menu[1], menu[2], menu[3], menu[0], menu[4]]
     steps = [c.step for c in engine.traces.calls(result.run_id)]
     assert steps.count("scores") == rental.FINALISTS
-    assert steps.count("criteria") == steps.count("shortlist") == steps.count("explain") == 1
+    assert steps.count("read") == steps.count("shortlist") == steps.count("explain") == 1
 
 
 async def test_a_request_nothing_fits_gets_an_honest_empty_answer(tmp_path: Path) -> None:
@@ -137,8 +229,8 @@ async def test_a_request_nothing_fits_gets_an_honest_empty_answer(tmp_path: Path
     assert result.status == "ok"
     assert result.output["ranked"] == []
     assert result.output["explanation"].startswith("No listing fits")
-    # Only the criteria were asked of a model: nothing to shortlist, score or explain.
-    assert [c.step for c in engine.traces.calls(result.run_id)] == ["criteria"]
+    # Only the request was read by a model: nothing to shortlist, score or explain.
+    assert [c.step for c in engine.traces.calls(result.run_id)] == ["read"]
 
 
 def test_the_pipeline_round_trips_through_yaml() -> None:

@@ -1,13 +1,14 @@
 """The rental assistant: criteria -> candidates -> shortlist -> scores -> a ranked answer.
 
-Four model steps, each behind a route, and plain Python for what Python does better (filters,
-ranking). The routed pipeline sends each step to the smallest model that does it well; the
-`all_large` form sends every step to the large model, the baseline it is measured against.
+Four model steps, each behind a route, and plain Python for what Python does better: checking
+the model's reading of the request against its words, filters, and the arithmetic of a score.
+The routed pipeline sends each step to the smallest model that does it well; the `all_large`
+form sends every step to the large model, the baseline it is measured against.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,15 +16,22 @@ from shoal.engine import Engine
 from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.routing.config import build_route
 from shoal.settings import FallbackRouteSpec, FixedRouteSpec
+from shoal_examples.rental.criteria import (
+    CRITERIA_SYSTEM,
+    Criteria,
+    ground,
+    near_downtown,
+    stems,
+)
 from shoal_examples.rental.data import Listing, load_listings, review_sample
 
 SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
 # Which model answers each model step. Reading the request and choosing the finalists decide
-# what the guest sees, and happen once per request: the large model (the small one if it fails).
-# The fan-out (one score per finalist) and the explanation are where the calls are: the small
-# model. (With the shortlist on the small model too, its picks often differed from the large
-# model's, and the ranking with them: see bench/README.md.)
+# which listings the guest sees, and happen once per request: the large model (the small one if
+# it fails). The fan-out (one reading per finalist) and the explanation are where the calls are:
+# the small model. (With the shortlist on the small model too, its picks often differed from
+# the large model's, and so did the finalists: see bench/README.md.)
 ROUTED = {
     "rental-criteria": FallbackRouteSpec(
         kind="fallback", name="rental-criteria", models=(LARGE, SMALL)
@@ -34,29 +42,8 @@ ROUTED = {
     "rental-score": FixedRouteSpec(kind="fixed", name="rental-score", model=SMALL),
     "rental-explain": FixedRouteSpec(kind="fixed", name="rental-explain", model=SMALL),
 }
-CRITERIA_SYSTEM = """You turn a rental request into search criteria, as JSON.
-max_price: the nightly budget in dollars ("under $150" -> 150), else null.
-guests: how many people, else null. bedrooms: how many bedrooms ("studio" -> 0), else null.
-area: where ("downtown", a neighbourhood), else null.
-must_haves: amenities the guest requires (one or two words each, e.g. "parking", "wifi").
-nice_to_haves: things the guest would like but does not require (e.g. "quiet", "balcony").
-Example. Request: "a cheap studio for 2 near downtown with wifi, ideally quiet"
-{"max_price": null, "guests": 2, "bedrooms": 0, "area": "downtown", "must_haves": ["wifi"],
- "nice_to_haves": ["quiet"]}"""
 SHORTLIST_SIZE = 8
 FINALISTS = 5
-
-
-class Criteria(BaseModel):
-    """What the user asked for, as fields a filter can use."""
-
-    # Every field is required, so constrained output must state each one (null when unsaid).
-    max_price: float | None = Field(description="nightly budget in USD")
-    guests: int | None
-    bedrooms: int | None
-    area: str | None = Field(description="e.g. downtown, or a neighbourhood")
-    must_haves: list[str]
-    nice_to_haves: list[str]
 
 
 class Candidates(BaseModel):
@@ -76,13 +63,19 @@ class Finalist(BaseModel):
     reviews: list[str]
 
     def card(self) -> str:
-        said = " / ".join(self.reviews) or "no reviews yet"
+        said = " ".join(f'"{r}"' for r in self.reviews) or "none yet"
         rating = f"{self.listing.rating:.2f}" if self.listing.rating else "unrated"
-        return f"{self.listing.summary()} | rating {rating} | guests said: {said}"
+        return f"{self.listing.summary()} | rating {rating}\nReviews: {said}"
 
 
-class Score(BaseModel):
-    score: int = Field(ge=0, le=10)
+class Fit(BaseModel):
+    """The scorer's reading of one listing: what its reviews say, how well it fits, and why.
+    The 0-10 score is computed from these and the listing's facts (`points`), not asked for:
+    the models' numbers out of ten were noise (the large one gave 0 or 6 to most listings),
+    while a verdict in words is something a small model gives about as well as a large one."""
+
+    reviews: Literal["positive", "mixed", "negative", "none"]
+    fit: Literal["poor", "fair", "good", "great"]
     reason: str = Field(max_length=140)
 
 
@@ -112,6 +105,7 @@ _AMENITY_WORDS = {
     "wifi": ("wifi",),
     "kitchen": ("kitchen",),
     "washer": ("washer",),
+    "dryer": ("dryer",),
     "laundry": ("washer", "dryer", "laundry"),
     "air conditioning": ("air conditioning",),
     "ac": ("air conditioning",),
@@ -119,6 +113,9 @@ _AMENITY_WORDS = {
     "pet": ("pets allowed",),
     "dog": ("pets allowed",),
     "workspace": ("workspace",),
+    "desk": ("workspace",),
+    "fireplace": ("fireplace",),
+    "breakfast": ("breakfast",),
     "pool": ("pool",),
     "gym": ("gym",),
     "hot tub": ("hot tub",),
@@ -133,6 +130,15 @@ def _amenity_terms(wish: str) -> tuple[str, ...] | None:
         if word in wish:
             return terms
     return None
+
+
+def _has(listing: Listing, terms: tuple[str, ...]) -> bool:
+    return any(any(t in a.lower() for t in terms) for a in listing.amenities)
+
+
+def criteria(request: str, read: Criteria) -> Criteria:
+    """The criteria as the model read them, grounded in the request's own words."""
+    return ground(request, read)
 
 
 def candidates(criteria: Criteria, city: str) -> Candidates:
@@ -154,14 +160,12 @@ def candidates(criteria: Criteria, city: str) -> Candidates:
     for wish in criteria.must_haves:
         terms = _amenity_terms(wish)
         if terms:
-            keep(
-                f"has {wish}",
-                lambda x, t=terms: any(any(w in a.lower() for w in t) for a in x.amenities),
-            )
-    if criteria.area and "downtown" in criteria.area.lower():
+            keep(f"has {wish}", lambda x, t=terms: _has(x, t))
+    downtown = bool(criteria.area and near_downtown(criteria.area))
+    if downtown:
         keep(f"within {_DOWNTOWN_KM:g} km of downtown", lambda x: x.km_to_downtown <= _DOWNTOWN_KM)
     matched = len(pool)
-    pool.sort(key=lambda x: (x.km_to_downtown if criteria.area else 0, -(x.rating or 0), x.price))
+    pool.sort(key=lambda x: (x.km_to_downtown if downtown else 0, -(x.rating or 0), x.price))
     note = " -> ".join(steps)
     if not pool:
         note = f"No listing fits: {note}. Loosen the tightest of these and ask again."
@@ -169,8 +173,9 @@ def candidates(criteria: Criteria, city: str) -> Candidates:
 
 
 def menus(candidates: Candidates) -> list[str]:
-    """The shortlist prompt's list of candidates; none when nothing fits (no call is made)."""
-    if not candidates.listings:
+    """The shortlist prompt's list of candidates; none (no call is made) when every candidate
+    is a finalist anyway."""
+    if len(candidates.listings) <= FINALISTS:
         return []
     return ["\n".join(f"{i}. {x.summary()}" for i, x in enumerate(candidates.listings, start=1))]
 
@@ -189,7 +194,48 @@ def cards(finalists: list[Finalist]) -> list[str]:
     return [f.card() for f in finalists]
 
 
-def rank(finalists: list[Finalist], scores: list[Score | None]) -> list[Ranked]:
+def wishes(criteria: Criteria) -> str:
+    """The wishes, as the scorer reads them."""
+    listed = [f"{w} (required)" if must else w for w, must in criteria.wishes()]
+    return "; ".join(listed) or "nothing beyond the filters"
+
+
+def _mentions(text: str, wish: str) -> bool:
+    """Whether a wish the amenity list cannot settle is borne out by the listing's own text:
+    one of its words (or the word's stem) is there; for "no stairs", the word is not."""
+    negated = wish.lower().startswith(("no ", "not ", "without "))
+    found = any(stem in text for stem in stems(wish))
+    return not found if negated else found
+
+
+_FIT_POINTS = {"poor": 0.0, "fair": 0.7, "good": 1.3, "great": 2.0}
+_REVIEW_POINTS = {"positive": 2.0, "mixed": 1.0, "none": 1.0, "negative": 0.0}
+
+
+def points(criteria: Criteria, finalist: Finalist, fit: Fit) -> int:
+    """The 0-10 score. 4 for the wishes met, required ones counting double: the amenity list
+    settles those it can, the listing's text and reviews the rest. 2 for the scorer's overall
+    fit, 2 for what it read in the reviews. 1 for the price against the budget, 1 for the
+    distance when downtown was asked for."""
+    listing = finalist.listing
+    text = " ".join(
+        [listing.title, listing.description, *listing.amenities, *finalist.reviews]
+    ).lower()
+    weight = total = 0.0
+    for wish, must in criteria.wishes():
+        terms = _amenity_terms(wish)
+        ok = _has(listing, terms) if terms else _mentions(text, wish)
+        total += 2 if must else 1
+        weight += (2 if must else 1) * ok
+    wished = 4 * weight / total if total else 3.0
+    price = 1 - 0.5 * listing.price / criteria.max_price if criteria.max_price else 1.0
+    near = 1.0
+    if criteria.area and near_downtown(criteria.area):
+        near = 1.0 if listing.km_to_downtown <= 1 else 0.5
+    return round(wished + _FIT_POINTS[fit.fit] + _REVIEW_POINTS[fit.reviews] + price + near)
+
+
+def rank(criteria: Criteria, finalists: list[Finalist], scores: list[Fit | None]) -> list[Ranked]:
     ranked = [
         Ranked(
             listing_id=f.listing.id,
@@ -198,7 +244,7 @@ def rank(finalists: list[Finalist], scores: list[Score | None]) -> list[Ranked]:
             bedrooms=f.listing.bedrooms,
             km_to_downtown=f.listing.km_to_downtown,
             rating=f.listing.rating,
-            score=s.score,
+            score=points(criteria, f, s),
             reason=s.reason,
         )
         for f, s in zip(finalists, scores, strict=True)
@@ -247,7 +293,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
         output="answer",
         steps=[
             ModelStep(
-                "criteria",
+                "read",
                 model=use["rental-criteria"],
                 output=Criteria,
                 inputs=("request",),
@@ -255,6 +301,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 prompt="Request: {request}\nCriteria as JSON:",
                 max_tokens=200,
             ),
+            PythonStep("criteria", criteria),
             PythonStep("candidates", candidates),
             PythonStep("menus", menus),
             ModelStep(
@@ -271,15 +318,19 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
             ),
             PythonStep("finalists", finalists),
             PythonStep("cards", cards),
+            PythonStep("wishes", wishes),
             ModelStep(
                 "scores",
                 model=use["rental-score"],
-                output=Score,
-                inputs=("criteria", "cards"),
+                output=Fit,
+                inputs=("request", "wishes", "cards"),
                 map_over="cards",
-                system="You judge how well a rental listing fits a guest's criteria.",
-                prompt="Criteria: {criteria}\nListing: {item}\n\nScore the fit from 0 (bad) to 10 "
-                "(perfect), with a reason of one short sentence.",
+                system="You check a rental listing against a guest's wishes, using only what "
+                "the listing and its reviews say.",
+                prompt="The guest asked: {request}\nWishes: {wishes}\n\nListing: {item}\n\n"
+                "reviews: what its reviews say overall (positive, mixed, negative, or none if it "
+                "has none). fit: how well it fits the request (poor, fair, good or great). "
+                "reason: one short sentence on why.",
                 max_tokens=80,
             ),
             PythonStep("ranked", rank),
