@@ -87,6 +87,43 @@ async def test_json_schema_output_parses_and_validates(tiny: Model) -> None:
     jsonschema.validate(value, LISTING_SCHEMA)
 
 
+CRITERIA_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "max_price": {"anyOf": [{"type": "number"}, {"type": "null"}]},
+        "area": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        "must_haves": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        "verdict": {"enum": ["poor", "fair", "good", "great"]},
+    },
+    "required": ["max_price", "area", "must_haves", "verdict"],
+}
+
+
+@pytest.mark.parametrize(
+    ("prompt", "schema"),
+    [
+        ("Describe a 2-bedroom apartment in Albany with parking as JSON.", LISTING_SCHEMA),
+        ("A quiet flat downtown under $120 with wifi and a desk: what is wanted?", CRITERIA_SCHEMA),
+        ("Write a poem about the sea.", CRITERIA_SCHEMA),  # far from JSON: many refusals
+    ],
+)
+async def test_greedy_json_takes_the_same_tokens_as_llama_cpps_grammar_sampler(
+    tiny: Model, monkeypatch: pytest.MonkeyPatch, prompt: str, schema: dict[str, object]
+) -> None:
+    request = ChatRequest.of(prompt, max_tokens=80, json_schema=schema, logprobs=True)
+    fast = await tiny.generate(request)
+    monkeypatch.setattr(LlamaCppModel, "fast_grammar", False)
+    library = await tiny.generate(request)
+    assert fast.text == library.text
+    assert fast.usage == library.usage
+    # Token for token (their logprobs differ in rounding: the second call reuses the first
+    # one's prompt cache, and so evaluates in other batches).
+    assert fast.logprobs
+    assert library.logprobs
+    assert [lp.token for lp in fast.logprobs] == [lp.token for lp in library.logprobs]
+    jsonschema.validate(json.loads(fast.text), schema)
+
+
 async def test_json_object_mode_gives_an_object(tiny: Model) -> None:
     request = ChatRequest.of(
         "Give a colour and its hex code as JSON.", max_tokens=60, json_object=True

@@ -48,6 +48,7 @@ from shoal.messages import (
 )
 from shoal.models.base import Model
 from shoal.models.output import check_json
+from shoal.models.sampling import GreedyGrammarSampler
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def _instance(key: _Key) -> _Instance:
 
 
 class LlamaCppModel(Model):
+    # Greedy JSON through `GreedyGrammarSampler` (the same tokens, sooner); off: llama.cpp's
+    # own grammar sampler.
+    fast_grammar = True
+
     def __init__(
         self,
         card: ModelCard,
@@ -209,8 +214,6 @@ class LlamaCppModel(Model):
     def _generate_blocking(
         self, request: ChatRequest, emit: Emit | None, cancelled: threading.Event
     ) -> ChatResponse:
-        import llama_cpp
-
         llama = self._loaded()
         started = time.perf_counter()
         formatted = self._instance.formatter(
@@ -226,6 +229,41 @@ class LlamaCppModel(Model):
         grammar = self._grammar(request)
         if request.seed is not None:
             llama.set_seed(request.seed)
+        # Greedy JSON: a sampler that asks the grammar about the chosen token only, put where
+        # `generate` builds its sampler chain (this instance is used by one thread at a time).
+        greedy_json = grammar is not None and not request.temperature
+        fast = GreedyGrammarSampler(llama, grammar) if greedy_json and self.fast_grammar else None
+        if fast is not None:
+            llama._init_sampler = lambda **_: fast
+        tokens = llama.generate(
+            prompt,
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=40,
+            min_p=0.05 if request.temperature > 0 else 0.0,
+            repeat_penalty=1.0,
+            grammar=None if fast else grammar,
+        )
+        try:
+            return self._decode(request, llama, prompt, tokens, emit, cancelled, started)
+        finally:
+            tokens.close()
+            if fast is not None:
+                del llama._init_sampler
+                fast.close()
+
+    def _decode(
+        self,
+        request: ChatRequest,
+        llama: Any,
+        prompt: list[int],
+        tokens: Any,
+        emit: Emit | None,
+        cancelled: threading.Event,
+        started: float,
+    ) -> ChatResponse:
+        import llama_cpp
+
         vocab = llama._model.vocab
         ctx = llama._ctx.ctx
         n_vocab = llama.n_vocab()
@@ -236,15 +274,6 @@ class LlamaCppModel(Model):
         finish: FinishReason = "length"
         logprobs: list[TokenLogprob] = []
         pending_lp: list[TokenLogprob] = []
-        tokens = llama.generate(
-            prompt,
-            temp=request.temperature,
-            top_p=request.top_p,
-            top_k=40,
-            min_p=0.05 if request.temperature > 0 else 0.0,
-            repeat_penalty=1.0,
-            grammar=grammar,
-        )
         cap_s = self._compute_cap(request)
         for token in tokens:
             if cancelled.is_set():
@@ -280,7 +309,6 @@ class LlamaCppModel(Model):
                     sent, pending_lp = safe, []
             if n_out >= request.max_tokens:
                 break
-        tokens.close()
         if cut is None:
             text += decoder.decode(b"", final=True)
         if emit is not None and (len(text) > sent or pending_lp):
