@@ -3,11 +3,13 @@
     python bench/rental.py                 # 20 requests, both variants (long: minutes per request)
     python bench/rental.py --n 5 --orchestration 2
 
-For each request both pipelines run on the local fleet (no answer cache), and the routed ranking
-is scored against the all-large one:
+For each request three pipelines run on the local fleet (no answer cache): routed, every step
+on the large model, and every step on the small model (the other end of the trade). Their
+rankings are scored against the all-large one:
 
 - NDCG@5: relevance of a listing = the score the all-large run gave it (0 if it did not rank it);
-  the routed top five is discounted by rank and divided by the all-large ideal. When the all-large
+  the routed top five is discounted by rank and divided by the all-large ideal. Stricter, too:
+  how often the top pick is the same, and how often the five finalists are. When the all-large
   run ranks nothing (nothing fits), a routed run that ranks nothing scores 1, else 0.
 - cost: what each run's budget was charged (host price x compute time of every call, failed
   ones included); wall: the runs' wall time.
@@ -231,11 +233,17 @@ async def main() -> None:
         else:
             large = await run(engine, rental.all_large(), request, args.city)
             routed = await run(engine, rental.build(), request, args.city)
+        # The other end of the trade: every step on the small model.
+        small = await run(
+            engine, rental.build({n: rental.SMALL for n in rental.ROUTED}), request, args.city
+        )
         row = {
             "request": request,
             "routed": routed,
             "large": large,
+            "small": small,
             "ndcg5": ndcg5(routed["ranked"], large["ranked"]),
+            "ndcg5_all_small": ndcg5(small["ranked"], large["ranked"]),
         }
         print(
             f"    NDCG@5 {row['ndcg5']:.2f}, "
@@ -283,6 +291,17 @@ async def main() -> None:
         )
         if rows
         else None,
+        "all_small": {
+            "ndcg5_mean": statistics.mean(r["ndcg5_all_small"] for r in rows) if rows else None,
+            "token_cost_ratio": (
+                sum(r["small"]["token_cost_usd"] for r in rows)
+                / max(sum(r["large"]["token_cost_usd"] for r in rows), 1e-12)
+            ),
+            "cost_ratio": (
+                sum(r["small"]["cost_usd"] for r in rows)
+                / max(sum(r["large"]["cost_usd"] for r in rows), 1e-12)
+            ),
+        },
         "routed_cost_usd": routed_cost,
         "all_large_cost_usd": large_cost,
         "cost_ratio": routed_cost / large_cost if large_cost else None,
