@@ -550,3 +550,40 @@ async def test_a_routed_cascade_shares_one_cost_cap(tmp_path: Path) -> None:
     (first,) = response.attempts
     assert seen == [0.5, pytest.approx(0.5 - first.cost_usd)]
     assert response.total_cost_usd == pytest.approx(first.cost_usd + response.cost_usd)
+
+
+async def test_a_cascade_whose_last_stage_is_down_still_pays_for_the_first(
+    tmp_path: Path,
+) -> None:
+    from shoal.errors import BackendUnavailableError
+    from shoal.routing.base import RoutedModel
+    from shoal.routing.policies import FallbackRouter
+
+    class Escalate(FallbackRouter):
+        def accept(self, request, response, earlier=()):  # type: ignore[no-untyped-def]
+            return False, 0.0  # never keep the first answer
+
+    def down(request: ChatRequest) -> str:
+        raise BackendUnavailableError("the large model's host is down")
+
+    route = RoutedModel(
+        "judge",
+        Escalate(["small", "large"]),
+        [
+            FunctionModel(lambda r: '{"score": 3, "reason": "ok"}', model_id="small", price=PRICE),
+            FunctionModel(down, model_id="large", price=PRICE),
+        ],
+    )
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    engine.add_route("judge", route)
+    runner = Runner(engine, traces=engine.traces, backoff_s=0.0)
+    result = await runner.run(fan_out_pipeline(), {"text": "alpha"}, budget_usd=1.0)
+    assert result.status == "failed"
+    calls = engine.traces.calls(result.run_id)
+    answered = [c for c in calls if c.status == "ok"]
+    # Each try's small answer was computed and paid for, though the large one never came.
+    assert [c.model for c in answered] == ["small"] * result.steps["score"].calls
+    assert all(c.cost_usd > 0 for c in answered)
+    paid = sum(c.cost_usd for c in answered)
+    assert result.cost_usd == pytest.approx(paid)
+    assert result.steps["score"].cost_usd == pytest.approx(paid)

@@ -152,6 +152,24 @@ async def test_unsure_cascade_escalates_and_costs_every_call() -> None:
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "4"
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_cascade_whose_last_stage_fails_carries_the_paid_answers(streamed: bool) -> None:
+    def down(request: ChatRequest) -> str:
+        raise BackendUnavailableError("host down")
+
+    small = logprob_model("small", "5", 0.3)
+    router = CascadeRouter(["small", "large"], LogprobSignal(), thresholds=0.8)
+    routed = RoutedModel("cheap-first", router, [small, FunctionModel(down, model_id="large")])
+    with pytest.raises(BackendUnavailableError) as caught:
+        if streamed:
+            _ = [e async for e in routed.stream(REQUEST)]
+        else:
+            await routed.generate(REQUEST)
+    assert [a.model for a in caught.value.attempts] == ["small"]
+    assert caught.value.paid_usd == pytest.approx(caught.value.attempts[0].cost_usd)
+    assert caught.value.paid_usd > 0
+
+
 async def test_agreement_cascade_accepts_when_two_cheap_models_agree() -> None:
     a, b = priced("a", ["Paris"]), priced("b", ["paris."])
     large = priced("large", ["Lyon"])

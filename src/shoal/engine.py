@@ -201,16 +201,15 @@ class Engine:
     ) -> None:
         """Trace a failed call; an answer in the wrong form was still computed and is costed."""
         done = exc.response if isinstance(exc, OutputError) else None
-        if done is not None:
-            for attempt in done.attempts:
-                self.record(
-                    attempt,
-                    started=started,
-                    route=self._route(name),
-                    run_id=run_id,
-                    step=step,
-                    item=item,
-                )
+        for attempt in done.attempts if done is not None else exc.attempts:
+            self.record(
+                attempt,
+                started=started,
+                route=self._route(name),
+                run_id=run_id,
+                step=step,
+                item=item,
+            )
         self.traces.record_call(
             CallRecord(
                 model=done.model if done else name,

@@ -31,6 +31,18 @@ if TYPE_CHECKING:
 
 class ShoalError(Exception):
     retryable: bool = False
+    # Answers computed before the failure and paid for, though not kept: a cascade's earlier
+    # stages when its last one fails.
+    attempts: tuple[ChatResponse, ...] = ()
+
+    @property
+    def paid_usd(self) -> float:
+        """What the failed call cost before it failed: its earlier answers, and for an answer
+        in the wrong form, that answer."""
+        response = getattr(self, "response", None)
+        if response is not None:  # already carries the earlier answers
+            return float(response.total_cost_usd)
+        return sum(a.total_cost_usd for a in self.attempts)
 
 
 class ConfigError(ShoalError):

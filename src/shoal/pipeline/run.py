@@ -501,10 +501,10 @@ class _Run:
             spent = response.total_cost_usd
         except OutputError as exc:
             if exc.response is not None:  # answered in the wrong form: the work is paid for
-                spent = exc.response.total_cost_usd
+                spent = exc.paid_usd
             raise
-        except _BEFORE_ANY_WORK:
-            spent = 0.0  # refused before any work was done
+        except _BEFORE_ANY_WORK as exc:
+            spent = exc.paid_usd  # refused before any work: only a cascade's earlier stages
             raise
         finally:
             self.budget.settle(reserved, spent)

@@ -213,10 +213,8 @@ class RoutedModel(Model):
             try:
                 response = await self._models[model_id].generate(stage)
             except ShoalError as exc:
-                if isinstance(exc, OutputError) and exc.response is not None and attempts:
-                    # The earlier stages' answers were paid for too: keep them with the error.
-                    exc.response = exc.response.model_copy(update={"attempts": tuple(attempts)})
                 if final or not exc.retryable:
+                    _keep_paid(exc, attempts)
                     raise
                 log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
                 last_error = exc
@@ -241,6 +239,7 @@ class RoutedModel(Model):
                     response = await model.generate(request)
                 except ShoalError as exc:
                     if not exc.retryable:
+                        _keep_paid(exc, attempts)
                         raise
                     log.warning("route %s: %s failed (%s)", self.name, model_id, exc)
                     continue
@@ -254,15 +253,19 @@ class RoutedModel(Model):
                     return
                 attempts.append(response)
                 continue
-            async for event in model.stream(request):
-                if isinstance(event, Completed):
-                    yield Completed(
-                        response=event.response.model_copy(
-                            update={"decision": decision, "attempts": tuple(attempts)}
+            try:
+                async for event in model.stream(request):
+                    if isinstance(event, Completed):
+                        yield Completed(
+                            response=event.response.model_copy(
+                                update={"decision": decision, "attempts": tuple(attempts)}
+                            )
                         )
-                    )
-                else:
-                    yield event
+                    else:
+                        yield event
+            except ShoalError as exc:
+                _keep_paid(exc, attempts)
+                raise
 
     def worst_case_cost(self, request: ChatRequest) -> float:
         """The most a routed call can cost: every model of the decision (a cascade may call
@@ -280,3 +283,14 @@ class RoutedModel(Model):
 
     async def aclose(self) -> None:
         return None  # the models belong to the fleet, which closes them
+
+
+def _keep_paid(exc: ShoalError, attempts: list[ChatResponse]) -> None:
+    """A route's call failed after earlier stages answered: they were paid for, so the error
+    carries them (with the wrong-form answer when there is one) for the trace and the budget."""
+    if not attempts:
+        return
+    if isinstance(exc, OutputError) and exc.response is not None:
+        exc.response = exc.response.model_copy(update={"attempts": tuple(attempts)})
+    else:
+        exc.attempts = tuple(attempts)
