@@ -120,3 +120,64 @@ def test_models_bench_measures_and_records(tiny_fleet: Path, tmp_path: Path) -> 
         runner.invoke(app, ["models", "list", "--json", "--fleet", str(tiny_fleet)]).stdout
     )
     assert listed[0]["measured"]["gen_tok_s"] == figures["gen_tok_s"]
+
+
+def test_runs_show_says_where_each_cent_and_second_went(tmp_path: Path) -> None:
+    from shoal.cli.run import cost_on
+    from shoal.fleet import Fleet
+    from shoal.traces.store import CallRecord, TraceStore
+
+    path = tmp_path / "traces.sqlite"
+    store = TraceStore(path)
+    run_id = store.start_run("rental", budget_usd=0.01)
+    calls = [
+        CallRecord(
+            model="qwen2.5-coder-1.5b",
+            route="rental-criteria",
+            run_id=run_id,
+            step="read",
+            input_tokens=221,
+            output_tokens=48,
+            latency_s=8.1,
+            compute_s=6.8,
+            cost_usd=0.00017,
+        ),
+        *(
+            CallRecord(
+                model="qwen2.5-coder-0.5b",
+                route="rental-score",
+                run_id=run_id,
+                step="scores",
+                item=str(i),
+                input_tokens=300,
+                output_tokens=50,
+                latency_s=4.0 * (i + 1),  # the second waited for the first
+                compute_s=4.0,
+                cost_usd=0.0001,
+            )
+            for i in range(2)
+        ),
+    ]
+    store.record_calls(calls)
+    steps = {"read": {"status": "ok", "wall_s": 8.1}, "scores": {"status": "ok", "wall_s": 8.0}}
+    store.finish_run(run_id, "ok", {"steps": steps})
+    store.close()
+    result = runner.invoke(
+        app, ["runs", "show", run_id, "--traces", str(path)], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert f"rental {run_id} · ok" in lines[0]
+    assert any("read · ok · 8.10 s · $0.000170 · 1 call(s)" in line for line in lines)
+    assert any(
+        "item 1: qwen2.5-coder-0.5b via rental-score · 300+50 tok · 4.00 s (+4.00 s waiting)"
+        in line
+        for line in lines
+    )
+    by_model = next(line for line in lines if line.startswith("│ qwen2.5-coder-0.5b"))
+    assert "600+100" in by_model
+    assert "54%" in by_model  # $0.0002 of $0.00037
+    fleet = Fleet()
+    counterfactual = sum(cost_on(fleet, "qwen2.5-coder-1.5b", c) for c in calls)
+    assert f"would have cost ${counterfactual:.6f}" in result.stdout
+    assert f"{0.00037 / counterfactual:.0%} of it" in result.stdout

@@ -236,9 +236,15 @@ def runs_show(
             flags = " [dim](cached)[/]" if call.cached else ""
             flags += f" [red]{call.status}[/]" if call.status != "ok" else ""
             via = f" via {call.route}" if call.route and call.route != call.model else ""
+            # Compute is the model's work; the rest of the latency was spent waiting for it
+            # (a local model computes one call at a time; a first call also waits for the load).
+            waited = call.latency_s - call.compute_s
+            timing = f"{call.compute_s:.2f} s" + (
+                f" (+{waited:.2f} s waiting)" if waited >= 0.01 else ""
+            )
             branch.add(
                 f"{'item ' + call.item + ': ' if call.item else ''}{call.model}{via} · "
-                f"{call.input_tokens}+{call.output_tokens} tok · {call.latency_s:.2f} s · "
+                f"{call.input_tokens}+{call.output_tokens} tok · {timing} · "
                 f"${call.cost_usd:.6f}{flags}"
             )
     out.print(tree)
