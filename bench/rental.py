@@ -174,6 +174,20 @@ async def plain(engine: Engine, request: str, city: str, *, gather: bool) -> flo
     return time.monotonic() - started
 
 
+def _all_small(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not rows:
+        return None
+    large = [r["large"] for r in rows]
+    return {
+        "requests": len(rows),
+        "ndcg5_mean": statistics.mean(r["ndcg5_all_small"] for r in rows),
+        "token_cost_ratio": sum(r["small"]["token_cost_usd"] for r in rows)
+        / max(sum(x["token_cost_usd"] for x in large), 1e-12),
+        "cost_ratio": sum(r["small"]["cost_usd"] for r in rows)
+        / max(sum(x["cost_usd"] for x in large), 1e-12),
+    }
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -208,6 +222,7 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=len(REQUESTS))
     parser.add_argument("--city", default="albany")
     parser.add_argument("--orchestration", type=int, default=3, help="requests to run plain")
+    parser.add_argument("--no-all-small", action="store_true", help="skip the all-small runs")
     parser.add_argument("--log", type=Path, default=Path("bench/out/rental.jsonl"))
     parser.add_argument("--plot", type=Path, default=Path("bench/out/rental.png"))
     args = parser.parse_args()
@@ -234,16 +249,17 @@ async def main() -> None:
             large = await run(engine, rental.all_large(), request, args.city)
             routed = await run(engine, rental.build(), request, args.city)
         # The other end of the trade: every step on the small model.
-        small = await run(
-            engine, rental.build({n: rental.SMALL for n in rental.ROUTED}), request, args.city
-        )
+        small = None
+        if not args.no_all_small:
+            all_small = rental.build({n: rental.SMALL for n in rental.ROUTED})
+            small = await run(engine, all_small, request, args.city)
         row = {
             "request": request,
             "routed": routed,
             "large": large,
             "small": small,
             "ndcg5": ndcg5(routed["ranked"], large["ranked"]),
-            "ndcg5_all_small": ndcg5(small["ranked"], large["ranked"]),
+            "ndcg5_all_small": ndcg5(small["ranked"], large["ranked"]) if small else None,
         }
         print(
             f"    NDCG@5 {row['ndcg5']:.2f}, "
@@ -291,17 +307,7 @@ async def main() -> None:
         )
         if rows
         else None,
-        "all_small": {
-            "ndcg5_mean": statistics.mean(r["ndcg5_all_small"] for r in rows) if rows else None,
-            "token_cost_ratio": (
-                sum(r["small"]["token_cost_usd"] for r in rows)
-                / max(sum(r["large"]["token_cost_usd"] for r in rows), 1e-12)
-            ),
-            "cost_ratio": (
-                sum(r["small"]["cost_usd"] for r in rows)
-                / max(sum(r["large"]["cost_usd"] for r in rows), 1e-12)
-            ),
-        },
+        "all_small": _all_small([r for r in rows if r.get("small")]),
         "routed_cost_usd": routed_cost,
         "all_large_cost_usd": large_cost,
         "cost_ratio": routed_cost / large_cost if large_cost else None,

@@ -124,6 +124,17 @@ async def test_greedy_json_takes_the_same_tokens_as_llama_cpps_grammar_sampler(
     jsonschema.validate(json.loads(fast.text), schema)
 
 
+async def test_json_properties_come_in_the_schemas_order(tiny: Model) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"verdict": {"enum": ["good", "bad"]}, "because": {"type": "string"}},
+        "required": ["verdict", "because"],
+    }
+    request = ChatRequest.of("Is Albany nice? Answer as JSON.", max_tokens=60, json_schema=schema)
+    text = (await tiny.generate(request)).text
+    assert list(json.loads(text)) == ["verdict", "because"]
+
+
 async def test_json_object_mode_gives_an_object(tiny: Model) -> None:
     request = ChatRequest.of(
         "Give a colour and its hex code as JSON.", max_tokens=60, json_object=True

@@ -176,7 +176,9 @@ class LlamaCppModel(Model):
             return None
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-        key = json.dumps(request.json_schema, sort_keys=True) if request.json_schema else ""
+        # Not sorted: the grammar writes the properties in the schema's order, which is the
+        # order the caller wants them generated in (a reason after the verdict it explains).
+        key = json.dumps(request.json_schema) if request.json_schema else ""
         grammars = self._instance.grammars
         if key not in grammars:
             try:
