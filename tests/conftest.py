@@ -130,3 +130,9 @@ def tiny(tiny_card: shoal.ModelCard, tiny_path: Path) -> shoal.Model:
     from shoal.models.llamacpp import LlamaCppModel
 
     return LlamaCppModel(tiny_card, path=tiny_path)
+
+
+@pytest.fixture(scope="module")
+def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An API key store for a module's server tests."""
+    return tmp_path_factory.mktemp("keys") / "keys.sqlite"

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -129,3 +130,13 @@ def fake_upstream() -> Iterator[str]:
     finally:
         loop_box["loop"].call_soon_threadsafe(stop["event"].set)
         thread.join(timeout=10)
+
+
+def make_key(path: Path, name: str, *, budget: float | None = None, rpm: int | None = None) -> str:
+    from shoal.server.keys import KeyStore
+
+    store = KeyStore(path)
+    try:
+        return store.create(name, budget_usd=budget, rpm=rpm)[0]
+    finally:
+        store.close()

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-from server_support import serving
+from server_support import make_key, serving
 from starlette.applications import Starlette
 
 from shoal import FakeModel, Fleet, FunctionModel, TokenPrice
@@ -89,19 +89,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     engine.add_route("stuck", _raises(BackendTimeoutError("no answer within 1 s")))
     yield engine
     asyncio.run(engine.aclose())
-
-
-@pytest.fixture(scope="module")
-def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("keys") / "keys.sqlite"
-
-
-def make_key(path: Path, name: str, *, budget: float | None = None, rpm: int | None = None) -> str:
-    store = KeyStore(path)
-    try:
-        return store.create(name, budget_usd=budget, rpm=rpm)[0]
-    finally:
-        store.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from multidict import CIMultiDict
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from server_support import serving
+from server_support import make_key, serving
 from starlette.applications import Starlette
 
 from shoal import FunctionModel, TokenPrice
@@ -90,19 +90,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     )
     yield engine
     asyncio.run(engine.aclose())
-
-
-@pytest.fixture(scope="module")
-def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("keys") / "keys.sqlite"
-
-
-def make_key(path: Path, name: str, *, budget: float | None = None) -> str:
-    store = KeyStore(path)
-    try:
-        return store.create(name, budget_usd=budget, rpm=None)[0]
-    finally:
-        store.close()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from openai.types.chat import ChatCompletionMessageParam
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from server_support import DYING, fake_upstream, serving
+from server_support import DYING, fake_upstream, make_key, serving
 
 from shoal import FakeModel, Fleet, FunctionModel, TokenPrice
 from shoal.engine import Engine
@@ -36,7 +36,7 @@ from shoal.routing.base import RoutedModel
 from shoal.routing.policies import FixedRouter
 from shoal.server import create_app
 from shoal.server.app import ServerState
-from shoal.server.keys import KeyStore, partial_cost, to_pico
+from shoal.server.keys import partial_cost, to_pico
 from shoal.server.openapi import openapi_spec
 from shoal.settings import FleetSettings, OpenAIModelSpec, ServerSettings
 
@@ -109,19 +109,6 @@ def engine(
     engine.add_route("routed", RoutedModel("routed", FixedRouter("upstream"), [upstream_model]))
     yield engine
     asyncio.run(engine.aclose())
-
-
-@pytest.fixture(scope="module")
-def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("keys") / "keys.sqlite"
-
-
-def make_key(path: Path, name: str, *, budget: float | None = None) -> str:
-    store = KeyStore(path)
-    try:
-        return store.create(name, budget_usd=budget, rpm=None)[0]
-    finally:
-        store.close()
 
 
 def spent(state: ServerState, name: str) -> tuple[int, int]:

@@ -64,8 +64,9 @@ _PRICE = re.compile(
     r"\$\s*(\d+)|(?:under|below|up to|budget(?: of)?|max(?:imum)?|around|less than|at most)\s+(\d+)"
 )
 _DOWNTOWN = ("downtown", "city centre", "city center", "centre", "center")
+# Words that tell nothing about a wish ("not" and "without" too: "no stairs" is about stairs).
 _STOP = {"and", "the", "for", "with", "near", "close", "some", "very", "free", "good", "nice"}
-_STOP |= {"not", "without"}  # "no stairs" is about stairs
+_STOP |= {"not", "without"}
 
 
 def near_downtown(area: str) -> bool:

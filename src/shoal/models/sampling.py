@@ -65,8 +65,7 @@ class GreedyGrammarSampler:
         self._all_array.data = self._all
         self._all_array.size, self._all_array.selected = self._n_vocab, -1
         lib.llama_sampler_apply(self._grammar, ctypes.byref(self._all_array))
-        size = self._all_array.size
-        view = self._view if size == self._n_vocab else self._view[:size]
+        view = self._view[: self._all_array.size]
         return int(view["id"][int(np.argmax(view["logit"]))])
 
     def close(self) -> None:
