@@ -11,6 +11,7 @@ from shoal import ChatRequest, FakeModel, Fleet, TextDelta, UnknownModelError
 from shoal.engine import Engine
 from shoal.errors import BackendError, ConfigError
 from shoal.messages import RouteDecision
+from shoal.models.base import Model
 from shoal.models.fake import FunctionModel
 from shoal.traces.store import TraceStore
 
@@ -43,6 +44,8 @@ async def test_routes_are_called_by_name_and_every_attempt_is_traced(engine: Eng
         return "sure"
 
     class Routed(FunctionModel):
+        stream = Model.stream  # answers through `generate`
+
         async def generate(self, request: ChatRequest):  # type: ignore[no-untyped-def]
             final = await super().generate(request)
             return final.model_copy(update={"decision": decision, "attempts": (first,)})
@@ -77,12 +80,13 @@ async def test_failures_and_abandoned_streams_are_traced(engine: Engine) -> None
     with pytest.raises(BackendError):
         await engine.generate("broken", ChatRequest.of("q"))
     engine.add_route("chatty", FakeModel(["many words in this answer"]))
-    async with aclosing(engine.stream("chatty", ChatRequest.of("q"))) as events:
+    plan = await engine.plan("chatty", ChatRequest.of("q"))
+    async with aclosing(engine.stream(plan)) as events:
         async for event in events:
             assert isinstance(event, TextDelta)
             break
-    statuses = [(c.model, c.status) for c in engine.traces.calls()]
-    assert statuses == [("broken", "error"), ("chatty", "cancelled")]
+    statuses = [(c.route, c.model, c.status) for c in engine.traces.calls()]
+    assert statuses == [("broken", "broken", "error"), ("chatty", "fake", "cancelled")]
     assert "upstream died" in (engine.traces.calls()[0].error or "")
     await engine.aclose()
 

@@ -21,7 +21,7 @@ from shoal import (
     OverloadedError,
     TextDelta,
 )
-from shoal.models.llamacpp import LlamaCppModel
+from shoal.models.llamacpp import PREFILL_CHUNK, LlamaCppModel
 
 LISTING_SCHEMA = {
     "type": "object",
@@ -283,3 +283,34 @@ async def test_calls_cancelled_in_the_queue_give_their_slot_back(
     assert (await model.generate(ChatRequest.of("Hi", max_tokens=2))).text
     await asyncio.sleep(0.1)
     assert model._instance.pending == 0
+
+
+def _long_prompt(topic: str, words: int = 700) -> str:
+    return f"About {topic}: " + " ".join(f"harbour{i % 50}" for i in range(words))
+
+
+async def test_a_cost_cap_stops_prompt_evaluation_within_a_chunk(tiny: Model) -> None:
+    full = await tiny.generate(ChatRequest.of(_long_prompt("boats"), max_tokens=1))
+    per_token = full.compute_s / full.usage.input_tokens
+    cap = full.cost_usd / 4  # a quarter of what the prompt alone costs
+    request = ChatRequest.of(_long_prompt("ships"), max_tokens=50, max_cost_usd=cap)
+    capped = await tiny.generate(request)
+    assert (capped.finish_reason, capped.usage.output_tokens, capped.text) == ("length", 0, "")
+    # It stopped before the chunk that would pass the cap: at most one chunk over, and on a busy
+    # host one more chunk of slack.
+    slack = tiny.card.price.per_hour * 2 * PREFILL_CHUNK * per_token / 3600  # type: ignore[union-attr]
+    assert capped.cost_usd <= cap + slack
+
+
+async def test_a_call_cancelled_during_its_prompt_stops_within_a_chunk(tiny: Model) -> None:
+    full = await tiny.generate(ChatRequest.of(_long_prompt("gulls"), max_tokens=1))
+    events = tiny.stream(ChatRequest.of(_long_prompt("nets"), max_tokens=50))
+    task = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
+    await asyncio.sleep(full.compute_s / 5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await events.aclose()  # type: ignore[attr-defined]
+    quick = await tiny.generate(ChatRequest.of("Say hi.", max_tokens=3))
+    waited = quick.latency_s - quick.compute_s
+    # The rest of the prompt (about 4/5 of it) is not evaluated for nobody.
+    assert waited < full.compute_s / 2, (waited, full.compute_s)

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import jsonschema
 import pytest
 from aiohttp import web
 from conftest import LlamaServer, free_port
+from server_support import serving
 
-from shoal.cards import HostPrice, ModelCard, Price, TokenPrice
+from shoal import Fleet, FunctionModel
+from shoal.cards import HostPrice, ModelCard, Price, TokenPrice, estimate_tokens
+from shoal.engine import Engine
 from shoal.errors import (
     BackendError,
     BackendTimeoutError,
@@ -32,12 +35,20 @@ from shoal.messages import (
     ChatRequest,
     ChatResponse,
     Completed,
-    Message,
     StreamEvent,
     TextDelta,
-    TokenLogprob,
 )
-from shoal.models.openai_compat import OpenAICompatModel, parse_logprobs, request_body
+from shoal.models.openai_compat import (
+    MAX_EVENT_BYTES,
+    OpenAICompatModel,
+    ServerSentEvent,
+    SSEDecoder,
+)
+from shoal.openai_wire import JsonSchemaStyle, from_chat_request
+from shoal.routing.base import RoutedModel
+from shoal.routing.policies import FixedRouter
+from shoal.server import create_app
+from shoal.settings import ServerSettings
 
 PRICE = TokenPrice(input_per_mtok=0.15, output_per_mtok=0.60)
 QUESTION = ChatRequest.of("What is the capital of France?", max_tokens=20)
@@ -69,87 +80,6 @@ def split(events: list[StreamEvent]) -> tuple[list[TextDelta], ChatResponse]:
     assert all(isinstance(e, TextDelta) for e in deltas)
     assert isinstance(last, Completed)
     return [e for e in deltas if isinstance(e, TextDelta)], last.response
-
-
-# -- pure translation: ChatRequest -> OpenAI body, OpenAI logprobs -> TokenLogprob -----------------
-
-
-def test_request_body_translates_every_field() -> None:
-    request = ChatRequest(
-        messages=(
-            Message(role="system", content="Be brief."),
-            Message(role="user", content="Name a person."),
-        ),
-        max_tokens=64,
-        temperature=0.5,
-        top_p=0.9,
-        stop=("\n\n", "END"),
-        seed=7,
-        json_schema=PERSON_SCHEMA,
-        logprobs=True,
-        top_logprobs=3,
-    )
-    assert request_body(request, "gpt-x", stream=False) == {
-        "model": "gpt-x",
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Name a person."},
-        ],
-        "max_tokens": 64,
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "stream": False,
-        "stop": ["\n\n", "END"],
-        "seed": 7,
-        "logprobs": True,
-        "top_logprobs": 3,
-        "response_format": {
-            "type": "json_schema",
-            "json_schema": {"name": "output", "schema": PERSON_SCHEMA, "strict": True},
-        },
-    }
-    streamed = request_body(request, "gpt-x", stream=True, schema_style="llama_cpp")
-    assert streamed["stream"] is True
-    assert streamed["stream_options"] == {"include_usage": True}
-    assert streamed["response_format"] == {"type": "json_object", "schema": PERSON_SCHEMA}
-
-
-def test_request_body_leaves_out_unset_options() -> None:
-    body = request_body(ChatRequest.of("hi", json_object=True), "m", stream=False)
-    assert body["response_format"] == {"type": "json_object"}
-    for absent in ("stop", "seed", "logprobs", "top_logprobs", "stream_options"):
-        assert absent not in body
-    plain = request_body(ChatRequest.of("hi", logprobs=True), "m", stream=False)
-    assert plain["logprobs"] is True
-    assert "top_logprobs" not in plain
-    assert "response_format" not in plain
-
-
-def test_parse_logprobs_reads_openai_content() -> None:
-    data = {
-        "content": [
-            {
-                "token": "Par",
-                "logprob": -0.25,
-                "bytes": [80, 97, 114],
-                "top_logprobs": [
-                    {"token": "Par", "logprob": -0.25, "bytes": None},
-                    {"token": "Lon", "logprob": -2, "bytes": None},
-                ],
-            },
-            {"token": "is", "logprob": 0, "bytes": None, "top_logprobs": None},
-        ],
-        "refusal": None,
-    }
-    assert parse_logprobs(data) == (
-        TokenLogprob(token="Par", logprob=-0.25, top=(("Par", -0.25), ("Lon", -2.0))),
-        TokenLogprob(token="is", logprob=0.0),
-    )
-
-
-@pytest.mark.parametrize("data", [None, {}, {"content": None}, {"content": []}, "junk"])
-def test_parse_logprobs_of_nothing_is_empty(data: Any) -> None:
-    assert parse_logprobs(data) == ()
 
 
 # -- a real upstream: llama-cpp-python's OpenAI-compatible server ------------------------------
@@ -512,7 +442,46 @@ async def test_stream_without_usage_is_estimated(serve, adapter) -> None:
     model = adapter(await serve(quiet), price=HostPrice())
     _, streamed = split(await collect(model, ChatRequest.of("12345678")))
     assert streamed.usage_estimated
-    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (2, 2)
+    prompt = estimate_tokens(ChatRequest.of("12345678")).input  # the card's one estimator
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (prompt, 2)
+
+
+async def test_completion_without_usage_is_estimated(serve, adapter) -> None:
+    async def quiet(request: web.Request) -> web.Response:
+        body = completion("Hello there")
+        del body["usage"]
+        return web.json_response(body)
+
+    model = adapter(await serve(quiet))
+    response = await model.generate(ChatRequest.of("12345678"))
+    assert response.text == "Hello there"
+    assert response.usage_estimated
+    prompt = estimate_tokens(ChatRequest.of("12345678")).input
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (prompt, 3)
+    assert response.cost_usd == pytest.approx(PRICE.cost(response.usage, 0))
+
+
+@pytest.mark.parametrize("style", ["openai", "llama_cpp"])
+async def test_the_adapter_sends_the_wire_body(serve, adapter, style: JsonSchemaStyle) -> None:
+    bodies: list[dict[str, Any]] = []
+    answer = json.dumps({"name": "Ada", "age": 36})
+
+    async def keep(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        bodies.append(body)
+        if body["stream"]:
+            return await sse(request, [chunk(answer), chunk(finish="stop")])
+        return web.json_response(completion(answer))
+
+    model = adapter(await serve(keep), upstream_model="up", schema_style=style)
+    request = ChatRequest.of("A person?", json_schema=PERSON_SCHEMA, stop=("a", "b", "c", "d", "e"))
+    assert (await model.generate(request)).text == answer
+    _, streamed = split(await collect(model, request))
+    assert streamed.text == answer
+    assert bodies == [
+        from_chat_request(request, "up", stream=False, schema_style=style).body(),
+        from_chat_request(request, "up", stream=True, schema_style=style).body(),
+    ]
 
 
 async def test_truncated_json_is_output_truncated(serve, adapter) -> None:
@@ -622,3 +591,168 @@ def test_one_model_serves_several_event_loops_without_leaks() -> None:
     asyncio.run(call())
     asyncio.run(model.aclose())
     gc.collect()  # an unclosed session would warn here, and warnings are errors
+
+
+# -- server-sent events, as the standard parses them -------------------------------------------
+
+SPEC_STREAM = (
+    b"\xef\xbb\xbf: a byte order mark, a comment, then one event over two data lines\r\n"
+    b'data: {"a":\r\n'
+    b"data:  1}\r\n"
+    b"\r\n"
+    b"event: error\n"
+    b"id: 7\n"
+    b"retry: 1000\n"
+    b"data: oops\n"
+    b"\n"
+    b"event: ping\r"
+    b"\r"
+    b"data\r"
+    b"\r"
+    b"data:x\n"
+    b"\n"
+    b"data: an event the stream ends in the middle of\n"
+)
+SPEC_EVENTS = [
+    ServerSentEvent(event="message", data='{"a":\n 1}'),
+    ServerSentEvent(event="error", data="oops"),
+    ServerSentEvent(event="message", data=""),  # no data with a name: not dispatched
+    ServerSentEvent(event="message", data="x"),
+]
+
+
+def decode(*parts: bytes) -> list[ServerSentEvent]:
+    decoder = SSEDecoder()
+    return [event for part in parts for event in decoder.feed(part)]
+
+
+def test_sse_decoder_follows_the_standard() -> None:
+    assert decode(SPEC_STREAM) == SPEC_EVENTS
+
+
+def test_sse_decoder_does_not_care_where_the_bytes_split() -> None:
+    assert decode(*(SPEC_STREAM[i : i + 1] for i in range(len(SPEC_STREAM)))) == SPEC_EVENTS
+    assert decode(*(b for i in range(len(SPEC_STREAM)) for b in (SPEC_STREAM[i : i + 1], b""))) == (
+        SPEC_EVENTS
+    )
+    for cut in range(len(SPEC_STREAM)):
+        assert decode(SPEC_STREAM[:cut], SPEC_STREAM[cut:]) == SPEC_EVENTS, cut
+
+
+def test_sse_decoder_refuses_what_is_not_utf8() -> None:
+    with pytest.raises(BackendError, match="UTF-8"):
+        decode(b'data: {"content": "\xff"}\n\n')
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"data: " + b"x" * MAX_EVENT_BYTES,
+        (b"data: " + b"x" * (1 << 20) + b"\n") * (MAX_EVENT_BYTES >> 20),
+    ],
+    ids=["one-long-line", "many-data-lines"],
+)
+def test_sse_decoder_bounds_an_event(stream: bytes) -> None:
+    with pytest.raises(BackendError, match="over"):
+        decode(stream)
+
+
+async def raw_stream(request: web.Request, parts: list[bytes]) -> web.StreamResponse:
+    """Answer with exactly these bytes, one write each."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for part in parts:
+        await response.write(part)
+    await response.write_eof()
+    return response
+
+
+async def test_stream_reads_events_by_the_standard(serve, adapter) -> None:
+    first = json.dumps(chunk("Hel"), indent=1).encode().replace(b"\n", b"\r\ndata: ")
+    usage = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    body = (
+        b": keep-alive\r\n\r\n"
+        b"data: " + first + b"\r\n\r\n"
+        b"event: ping\r\ndata: {}\r\n\r\n"
+        b"id: 2\r\ndata: " + json.dumps(chunk("lo")).encode() + b"\r\n\r\n"
+        b"data: " + json.dumps(chunk(finish="stop")).encode() + b"\r\n\r\n"
+        b": usage next\r\n"
+        b"data: " + json.dumps(chunk(usage=usage)).encode() + b"\r\n\r\n"
+        b"data: [DONE]\r\n\r\n"
+    )
+    assert body.count(b"data: ") > 6, "the first chunk spans several data lines"
+
+    async def chatty(request: web.Request) -> web.StreamResponse:
+        return await raw_stream(request, [body[i : i + 7] for i in range(0, len(body), 7)])
+
+    deltas, streamed = split(await collect(adapter(await serve(chatty)), QUESTION))
+    assert [d.text for d in deltas] == ["Hel", "lo"]
+    assert streamed.text == "Hello"
+    assert not streamed.usage_estimated
+    assert (streamed.usage.input_tokens, streamed.usage.output_tokens) == (7, 2)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"error": {"message": "upstream overloaded", "type": "x"}}', b"upstream overloaded"],
+    ids=["openai-body", "text"],
+)
+async def test_an_error_event_is_backend_error(serve, adapter, data: bytes) -> None:
+    async def failing(request: web.Request) -> web.StreamResponse:
+        first = b"data: " + json.dumps(chunk("Hel")).encode() + b"\n\n"
+        return await raw_stream(request, [first, b"event: error\ndata: " + data + b"\n\n"])
+
+    model = adapter(await serve(failing))
+    seen: list[StreamEvent] = []
+    with pytest.raises(BackendError, match="upstream overloaded") as caught:
+        async for event in model.stream(QUESTION):
+            seen.append(event)
+    assert type(caught.value) is BackendError
+    assert seen == [TextDelta(text="Hel")]
+
+
+# -- another shoal upstream ------------------------------------------------------------------
+
+UPSTREAM_PRICE = TokenPrice(input_per_mtok=1_000.0, output_per_mtok=10_000.0)
+UNPRICED = TokenPrice(input_per_mtok=0.0, output_per_mtok=0.0)
+
+
+@pytest.fixture(scope="module")
+def upstream_shoal(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A shoal gateway on a real socket, serving the route "cheap" over one priced model."""
+    engine = Engine(Fleet(), trace_path=tmp_path_factory.mktemp("traces") / "traces.sqlite")
+    answer = FunctionModel(
+        lambda r: "Paris is the capital", model_id="priced", price=UPSTREAM_PRICE
+    )
+    engine.add_route("cheap", RoutedModel("cheap", FixedRouter("priced"), [answer]))
+    keys = tmp_path_factory.mktemp("keys") / "keys.sqlite"
+    with serving(create_app(engine, ServerSettings(auth=False, keys_path=keys))) as url:
+        yield url
+    asyncio.run(engine.aclose())
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["generate", "stream"])
+async def test_an_upstream_shoal_keeps_its_cost_and_decision(
+    upstream_shoal: str, adapter, streamed: bool
+) -> None:
+    async def call(model: OpenAICompatModel) -> ChatResponse:
+        if streamed:
+            deltas, response = split(await collect(model, QUESTION))
+            assert "".join(d.text for d in deltas) == response.text
+            return response
+        return await model.generate(QUESTION)
+
+    unpriced = await call(adapter(upstream_shoal, upstream_model="cheap", price=UNPRICED))
+    priced = await call(adapter(upstream_shoal, upstream_model="cheap"))
+    for response in (unpriced, priced):
+        assert response.model == "fake-api"
+        assert response.text == "Paris is the capital"
+        assert response.usage.output_tokens == 4
+        assert not response.usage_estimated
+        assert response.decision is not None
+        assert (response.decision.route, response.decision.models) == ("cheap", ("priced",))
+        assert response.decision.reason == "fixed route: always priced"
+    # A card with no price of its own takes the upstream's cost; a priced card keeps its own.
+    assert unpriced.cost_usd == pytest.approx(UPSTREAM_PRICE.cost(unpriced.usage, 0))
+    assert priced.cost_usd == pytest.approx(PRICE.cost(priced.usage, 0))
+    assert unpriced.cost_usd > 100 * priced.cost_usd > 0

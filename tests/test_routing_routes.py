@@ -215,7 +215,7 @@ def predictive(min_quality: float | None = None, lam: float = 0.5) -> Predictive
         feat,
         knn,
         lam=lam,
-        ref_cost=100.0,
+        ref_cost=300.0,
         cost_mode="known",
         min_quality=min_quality,
     )

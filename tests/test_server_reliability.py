@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,16 @@ from schemathesis.checks import not_a_server_error
 from server_support import DYING, fake_upstream, make_key, serving
 
 from shoal import FakeModel, Fleet, FunctionModel, TokenPrice
+from shoal.cards import estimate_tokens
 from shoal.engine import Engine
+from shoal.ledger import to_pico
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta, Usage
 from shoal.models.fake import fake_card
 from shoal.routing.base import RoutedModel
 from shoal.routing.policies import FixedRouter
 from shoal.server import create_app
-from shoal.server.app import ServerState
-from shoal.server.keys import partial_cost, to_pico
 from shoal.server.openapi import openapi_spec
+from shoal.server.state import ServerState
 from shoal.settings import FleetSettings, OpenAIModelSpec, ServerSettings
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there shoal"}]
@@ -209,7 +209,7 @@ def test_a_route_reserves_and_is_charged_what_its_models_cost(
     assert cost == pytest.approx((5 * 1.0 + 5 * 2.0) / 1e6)
     assert spent(state, "routed") == (to_pico(cost), 1)
     assert state.keys is not None
-    assert state.keys.uncharged_pusd == 0
+    assert state.keys.overrun_pusd == 0
     # A budget below what the route's models may cost is refused before the call.
     poor = make_key(keys_path, "routed-poor", budget=1e-6)
     with (
@@ -236,8 +236,8 @@ def test_upstream_dying_mid_stream_is_a_clean_error_event_and_is_accounted(
     assert "".join(received) == "hello from"
     assert isinstance(caught.value.body, dict)
     assert caught.value.body["code"] == "upstream_error"
-    # Charged what it delivered: the prompt (~4 characters a token) and two streamed tokens.
-    prompt_tokens = math.ceil(len("hello there shoal") / 4)
+    # Charged what it delivered: the prompt (as the card estimates it) and two streamed tokens.
+    prompt_tokens = estimate_tokens(ChatRequest.of("hello there shoal")).input
     expected = (
         prompt_tokens * UPSTREAM_PRICE.input_per_mtok + 2 * UPSTREAM_PRICE.output_per_mtok
     ) / 1e6
@@ -295,7 +295,7 @@ async def test_client_leaving_a_call_cancels_it(
 
 def test_partial_cost_of_a_host_priced_model_is_its_time() -> None:
     card = fake_card("local")
-    cost = partial_cost(card, ChatRequest.of("hi"), delivered=3, seconds=3600.0)
+    cost = card.partial_cost(ChatRequest.of("hi"), delivered=3, seconds=3600.0)
     assert cost == pytest.approx(card.price.per_hour)  # type: ignore[union-attr]
 
 

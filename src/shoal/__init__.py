@@ -1,10 +1,12 @@
 """shoal: many calls to many small models, routed, orchestrated and served as one system."""
 
+from shoal.calls import CallPlan
 from shoal.cards import HostPrice, ModelCard, TokenPrice
 from shoal.errors import (
     BackendError,
     BackendTimeoutError,
     BackendUnavailableError,
+    BudgetExceededError,
     ConfigError,
     ContextWindowExceededError,
     InvalidRequestError,
@@ -20,10 +22,12 @@ from shoal.errors import (
     WeightsCorruptedError,
 )
 from shoal.fleet import Fleet
+from shoal.ledger import Account
 from shoal.messages import (
     ChatRequest,
     ChatResponse,
     Completed,
+    Escalated,
     Message,
     StreamEvent,
     TextDelta,
@@ -34,14 +38,18 @@ from shoal.models.base import Model
 from shoal.models.fake import FakeModel, FunctionModel
 
 __all__ = [
+    "Account",
     "BackendError",
     "BackendTimeoutError",
     "BackendUnavailableError",
+    "BudgetExceededError",
+    "CallPlan",
     "ChatRequest",
     "ChatResponse",
     "Completed",
     "ConfigError",
     "ContextWindowExceededError",
+    "Escalated",
     "FakeModel",
     "Fleet",
     "FunctionModel",

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from functools import cache
 from importlib import resources
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from shoal.errors import UnknownModelError
-from shoal.messages import Usage
+from shoal.messages import ChatRequest, Usage
+from shoal.money import whole_pico
 
 # A 2-vCPU on-demand cloud instance (the class of machine the default fleet is measured on)
 # costs about $0.09 per hour. Override per fleet with `host_price_per_hour`.
@@ -78,9 +79,12 @@ class ModelCard(_Data):
     gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
 
     def cost(self, usage: Usage, compute_s: float) -> float:
-        return self.price.cost(usage, compute_s)
+        """What a call of this size cost, in whole picodollars."""
+        return whole_pico(self.price.cost(usage, compute_s))
 
-    def expected_seconds(self, input_tokens: int, output_tokens: int) -> float:
+    # -- the one estimator: tokens, time and money of a request before it runs ----------------
+
+    def seconds_for(self, input_tokens: int, output_tokens: int) -> float:
         """Compute time for a call of this size, from measured (else expected) speeds."""
         prompt = self.measured.prompt_tok_s if self.measured else self.prompt_tok_s
         gen = self.measured.gen_tok_s if self.measured else self.gen_tok_s
@@ -88,17 +92,67 @@ class ModelCard(_Data):
             return 0.5 + output_tokens / 50.0  # a typical hosted model, when nothing is measured
         return input_tokens / (prompt or _SLOWEST_PROMPT) + output_tokens / (gen or _SLOWEST_GEN)
 
-    def worst_case_cost(self, input_tokens: int, output_tokens: int) -> float:
-        """The most a call with at most these token counts can cost.
+    def expected_seconds(self, request: ChatRequest) -> float:
+        """Seconds `request` is expected to compute here (its expected token counts)."""
+        tokens = estimate_tokens(request)
+        return self.seconds_for(tokens.input, tokens.output)
 
-        Exact for token prices. For a host-priced local model, the expected compute time with a
-        margin of `LOCAL_COST_MARGIN` for a busy machine.
+    def expected_cost(self, request: ChatRequest) -> float:
+        tokens = estimate_tokens(request)
+        usage = Usage(input_tokens=tokens.input, output_tokens=tokens.output)
+        return self.cost(usage, self.seconds_for(tokens.input, tokens.output))
+
+    def worst_case_cost(self, request: ChatRequest) -> float:
+        """The most `request` can cost here (reserved against budgets before it starts).
+
+        Exact for token prices: every prompt byte a token, `max_tokens` generated. For a
+        host-priced local model, the compute time those token counts take at the card's speed,
+        times `LOCAL_COST_MARGIN` for a busy machine.
         """
-        usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
+        tokens = estimate_tokens(request)
+        usage = Usage(input_tokens=tokens.input_max, output_tokens=tokens.output_max)
         if isinstance(self.price, TokenPrice):
-            return self.price.cost(usage, 0.0)
-        seconds = self.expected_seconds(input_tokens, output_tokens) * LOCAL_COST_MARGIN
-        return self.price.cost(usage, seconds)
+            return self.cost(usage, 0.0)
+        seconds = self.seconds_for(tokens.input_max, tokens.output_max) * LOCAL_COST_MARGIN
+        return self.cost(usage, seconds)
+
+    def partial_cost(self, request: ChatRequest, *, seconds: float, delivered: int) -> float:
+        """What a call that did not complete consumed: for a host-priced model, the seconds it
+        ran; for a token-priced one, the prompt (expected tokens) and the `delivered` text
+        events (one token each, as OpenAI-compatible servers stream)."""
+        if isinstance(self.price, HostPrice):
+            return self.cost(Usage(), seconds)
+        usage = Usage(input_tokens=estimate_tokens(request).input, output_tokens=delivered)
+        return self.cost(usage, 0.0)
+
+
+class TokenEstimate(NamedTuple):
+    """A request's token counts before it runs: expected, and an upper bound."""
+
+    input: int
+    output: int
+    input_max: int
+    output_max: int
+
+
+# No tokenizer makes more tokens than UTF-8 bytes; a chat template adds at most this many a
+# message. Expected: about 4 bytes a token, a few template tokens a message, and half of
+# `max_tokens` generated.
+_TEMPLATE_MAX = 48
+_TEMPLATE_EXPECTED = 8
+_BYTES_PER_TOKEN = 4
+
+
+def estimate_tokens(request: ChatRequest) -> TokenEstimate:
+    """The one token estimate every plan, budget and deadline uses."""
+    size = sum(len(m.content.encode("utf-8")) for m in request.messages)
+    turns = len(request.messages) + 1
+    return TokenEstimate(
+        input=-(-size // _BYTES_PER_TOKEN) + _TEMPLATE_EXPECTED * turns,
+        output=-(-request.max_tokens // 2),
+        input_max=size + _TEMPLATE_MAX * turns,
+        output_max=request.max_tokens,
+    )
 
 
 # Speeds assumed for a local model nothing is known about (a slow CPU, a 7B model).

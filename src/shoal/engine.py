@@ -1,21 +1,47 @@
 """The engine: the object the CLI, the server and Python users hold.
 
-It owns the fleet, the named routes, and the trace store, and is the one place where a call by
-name (a model id or a route name) is made and recorded.
+It owns the fleet, the named routes and the trace store, and is the one place where a call by
+name (a model id or a route name) is planned, run, charged and recorded:
+
+    plan = await engine.plan(name, request)     # resolve the name, decide once, price it
+    hold = account.reserve(plan.worst_usd)      # the caller's ledger account (run, key)
+    async for event in engine.stream(plan, hold=hold):   # run exactly that decision
+        ...
+    # the engine settled `hold` to what the call cost and traced the same figures
+
+`execute` collects `stream`, so a non-streamed call takes the same path. However a call ends
+(answered, failed, cancelled by its caller), its charge is computed here once, from the answers
+it got and, for work cut short, what it measurably consumed (`ModelCard.partial_cost`); the
+hold is settled to that charge and the trace rows sum to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
+from shoal.calls import CallPlan
 from shoal.errors import ConfigError, OutputError, ShoalError, UnknownModelError, UnknownRouteError
 from shoal.fleet import Fleet
-from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent
-from shoal.models.base import Model, expected_latency, worst_case_cost
+from shoal.ledger import Hold
+from shoal.messages import (
+    ChatRequest,
+    ChatResponse,
+    Completed,
+    Escalated,
+    RouteDecision,
+    StreamEvent,
+    TextDelta,
+)
+from shoal.models.base import Model, collect
+from shoal.money import to_pico, whole_pico
+from shoal.routing.base import RoutedModel
 from shoal.traces.store import CallRecord, TraceStore
 
 log = logging.getLogger(__name__)
@@ -35,7 +61,7 @@ class Engine:
         if traces is None:
             traces = TraceStore(trace_path or self.fleet.cache_dir / TRACES_FILE)
         self.traces = traces
-        self._routes: dict[str, Model] = {}
+        self._routes: dict[str, Model] = {}  # routed models, or models served under a name
         if self.fleet.settings.routes:
             from shoal.routing.config import build_route
 
@@ -72,6 +98,53 @@ class Engine:
             return self.fleet.model(name)
         raise UnknownModelError(name, self.names)
 
+    # -- plans ---------------------------------------------------------------------------------
+
+    async def plan(self, name: str, request: ChatRequest) -> CallPlan:
+        """What a call of `name` with `request` will run: a route decides here, once (off the
+        event loop when deciding embeds the query), and the call is priced by the cards."""
+        model = self._routes.get(name)
+        if model is None:
+            return self._plan_model(name, request)
+        if not isinstance(model, RoutedModel):  # a model served under a route name
+            card = model.card
+            return CallPlan(
+                name,
+                request,
+                (model.id,),
+                card.worst_case_cost(request),
+                card.expected_seconds(request),
+                route=name,
+            )
+        if model.blocking:
+            decision = await asyncio.to_thread(model.decide, request)
+        else:
+            decision = model.decide(request)
+        return CallPlan(
+            name,
+            request,
+            decision.models,
+            model.worst_case_cost(request, decision),
+            model.expected_seconds(request, decision),
+            route=name,
+            decision=decision,
+        )
+
+    def _plan_model(self, name: str, request: ChatRequest) -> CallPlan:
+        if name not in self.fleet.ids:
+            raise UnknownModelError(name, self.names)
+        card = self.fleet.card(name)
+        return CallPlan(
+            name, request, (name,), card.worst_case_cost(request), card.expected_seconds(request)
+        )
+
+    def stand_ins(self, plan: CallPlan) -> list[CallPlan]:
+        """The same request planned on each model of the fleet that costs less than `plan`,
+        dearest first: what a run degrades to when money or time runs low."""
+        plans = [self._plan_model(m, plan.request) for m in self.fleet.ids if m not in plan.models]
+        cheaper = [p for p in plans if p.worst_usd < plan.worst_usd]
+        return sorted(cheaper, key=lambda p: p.worst_usd, reverse=True)
+
     # -- calls ---------------------------------------------------------------------------------
 
     async def generate(
@@ -79,192 +152,208 @@ class Engine:
         name: str,
         request: ChatRequest,
         *,
+        hold: Hold | None = None,
         run_id: str | None = None,
         step: str | None = None,
         item: str | None = None,
     ) -> ChatResponse:
-        """Call a model or route by name and record the call (and any cascade attempts)."""
-        model = self.model(name)
-        started = time.time()
-        try:
-            response = await model.generate(request)
-        except ShoalError as exc:
-            self._record_failure(name, exc, started, run_id, step, item)
-            raise
-        except asyncio.CancelledError:  # the caller went away (a client disconnected)
-            self._record_cancelled(name, started, run_id, step, item)
-            raise
-        self.record(
-            response, started=started, route=self._route(name), run_id=run_id, step=step, item=item
-        )
-        return response
+        """Plan and run one call by name (`plan` then `execute`)."""
+        plan = await self.plan(name, request)
+        return await self.execute(plan, hold=hold, run_id=run_id, step=step, item=item)
+
+    async def execute(
+        self,
+        plan: CallPlan,
+        *,
+        hold: Hold | None = None,
+        run_id: str | None = None,
+        step: str | None = None,
+        item: str | None = None,
+    ) -> ChatResponse:
+        """Run `plan` and return its answer: `stream`, collected."""
+        events = self.stream(plan, hold=hold, run_id=run_id, step=step, item=item)
+        return await collect(events, plan.name)
 
     async def stream(
         self,
-        name: str,
-        request: ChatRequest,
+        plan: CallPlan,
         *,
+        hold: Hold | None = None,
         run_id: str | None = None,
         step: str | None = None,
         item: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        model = self.model(name)
-        started = time.time()
-        finished = False
+        """Run `plan`: its decision, never a new one. With a `hold`, the call may spend what is
+        held and no more (a local model stops early), and the hold is settled when it ends."""
+        model = self.model(plan.name)
+        request = plan.request
+        if hold is not None:
+            cap = hold.amount_usd
+            if request.max_cost_usd is not None:
+                cap = min(cap, request.max_cost_usd)
+            request = request.model_copy(update={"max_cost_usd": cap})
+        tab = _Tab(self, plan, request, hold, run_id, step, item)
+        if isinstance(model, RoutedModel):
+            events = model.stream(request, plan.decision)
+        else:
+            events = model.stream(request)
         try:
-            async for event in model.stream(request):
-                if isinstance(event, Completed):
-                    finished = True
-                    self.record(
-                        event.response,
-                        started=started,
-                        route=self._route(name),
-                        run_id=run_id,
-                        step=step,
-                        item=item,
-                    )
-                yield event
+            async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], events)):
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        tab.delivered += 1
+                    elif isinstance(event, Escalated):
+                        tab.escalated(event.response)
+                    elif isinstance(event, Completed):
+                        tab.answered(event.response)
+                    yield event
         except ShoalError as exc:
-            finished = True
-            self._record_failure(name, exc, started, run_id, step, item)
+            tab.failed(exc)
             raise
         finally:
-            if not finished:  # the consumer left before the end
-                self._record_cancelled(name, started, run_id, step, item)
+            tab.abandoned()  # the caller left (or was cancelled) before the end
 
-    def _record_cancelled(
-        self,
-        name: str,
-        started: float,
-        run_id: str | None,
-        step: str | None,
-        item: str | None,
-    ) -> None:
-        self.traces.record_call(
-            CallRecord(
-                model=name,
-                status="cancelled",
-                route=self._route(name),
-                run_id=run_id,
-                step=step,
-                item=item,
-                started_at=started,
-                finished_at=time.time(),
-                latency_s=time.time() - started,
-            )
-        )
-
-    def _route(self, name: str) -> str | None:
-        return name if name in self._routes else None
-
-    def record(
-        self,
-        response: ChatResponse,
-        *,
-        started: float,
-        route: str | None = None,
-        run_id: str | None = None,
-        step: str | None = None,
-        item: str | None = None,
-        cached: bool = False,
-    ) -> None:
-        """Record a response and each attempt before it, one trace row per model call."""
-        decision = response.decision.model_dump(mode="json") if response.decision else None
-        for answer in (*response.attempts, response):
-            self.traces.record_call(
-                CallRecord(
-                    model=answer.model,
-                    route=route,
-                    run_id=run_id,
-                    step=step,
-                    item=item,
-                    input_tokens=answer.usage.input_tokens,
-                    output_tokens=answer.usage.output_tokens,
-                    latency_s=answer.latency_s,
-                    compute_s=answer.compute_s,
-                    cost_usd=0.0 if cached else answer.cost_usd,
-                    cached=cached,
-                    decision=decision,
-                    started_at=started,
-                    finished_at=time.time(),
-                )
-            )
-
-    def _record_failure(
-        self,
-        name: str,
-        exc: ShoalError,
-        started: float,
-        run_id: str | None,
-        step: str | None,
-        item: str | None,
-    ) -> None:
-        """Trace a failed call; an answer in the wrong form was still computed and is costed."""
-        done = exc.response if isinstance(exc, OutputError) else None
-        for attempt in done.attempts if done is not None else exc.attempts:
-            self.record(
-                attempt,
-                started=started,
-                route=self._route(name),
-                run_id=run_id,
-                step=step,
-                item=item,
-            )
-        self.traces.record_call(
-            CallRecord(
-                model=done.model if done else name,
-                status="error",
-                error=f"{type(exc).__name__}: {exc}",
-                route=self._route(name),
-                run_id=run_id,
-                step=step,
-                item=item,
-                input_tokens=done.usage.input_tokens if done else 0,
-                output_tokens=done.usage.output_tokens if done else 0,
-                latency_s=time.time() - started,
-                compute_s=done.compute_s if done else 0.0,
-                cost_usd=done.cost_usd if done else 0.0,
-                started_at=started,
-                finished_at=time.time(),
-            )
-        )
-
-    # -- the pipeline runner's view (shoal.pipeline.run.Caller) ---------------------------------
-
-    async def call(
-        self, model: str, request: ChatRequest, *, run_id: str | None, step: str, item: str | None
-    ) -> ChatResponse:
-        return await self.generate(model, request, run_id=run_id, step=step, item=item)
+    # -- records -------------------------------------------------------------------------------
 
     def record_cached(
         self, response: ChatResponse, *, run_id: str | None, step: str, item: str | None
     ) -> None:
-        self.record(response, started=time.time(), run_id=run_id, step=step, item=item, cached=True)
-
-    def worst_case_cost(self, name: str, request: ChatRequest) -> float:
-        if name in self._routes:
-            return self._routes[name].worst_case_cost(request)
-        return worst_case_cost(self.fleet.card(name), request)
-
-    def expected_latency(self, name: str, request: ChatRequest) -> float:
-        if name in self._routes:
-            return self._routes[name].expected_latency(request)
-        return expected_latency(self.fleet.card(name), request)
-
-    def cheaper(self, name: str) -> str | None:
-        """The model of the fleet that costs most while still less than `name` for a typical
-        call: what a run degrades to when money or time runs low."""
-        typical = ChatRequest.of("x" * 2000, max_tokens=200)
-        ceiling = self.worst_case_cost(name, typical)
-        below = [
-            (self.worst_case_cost(m, typical), m)
-            for m in self.fleet.ids
-            if m != name and self.worst_case_cost(m, typical) < ceiling
-        ]
-        return max(below)[1] if below else None
+        """A pipeline's answer from its cache: traced, at no cost."""
+        now = time.time()
+        decision = response.decision.model_dump(mode="json") if response.decision else None
+        for answer in (*response.attempts, response):
+            self.traces.record_call(
+                _record(answer, now, now, run_id, step, item, decision).model_copy(
+                    update={"cost_usd": 0.0, "cached": True}
+                )
+            )
 
     async def aclose(self) -> None:
         for route in self._routes.values():
             await route.aclose()
         await self.fleet.aclose()
         self.traces.close()
+
+
+def _record(
+    answer: ChatResponse,
+    started: float,
+    finished: float,
+    run_id: str | None,
+    step: str | None,
+    item: str | None,
+    decision: dict[str, object] | None,
+    route: str | None = None,
+) -> CallRecord:
+    return CallRecord(
+        model=answer.model,
+        route=route,
+        run_id=run_id,
+        step=step,
+        item=item,
+        input_tokens=answer.usage.input_tokens,
+        output_tokens=answer.usage.output_tokens,
+        latency_s=answer.latency_s,
+        compute_s=answer.compute_s,
+        cost_usd=whole_pico(answer.cost_usd),
+        decision=decision,
+        started_at=started,
+        finished_at=finished,
+    )
+
+
+@dataclass
+class _Tab:
+    """One call's account while it runs: what it delivered and what answers it got, and how it
+    ended. The first ending settles the hold and writes the trace; later ones do nothing."""
+
+    engine: Engine
+    plan: CallPlan
+    request: ChatRequest
+    hold: Hold | None
+    run_id: str | None
+    step: str | None
+    item: str | None
+    started: float = field(default_factory=time.time)
+    clock: float = field(default_factory=time.perf_counter)
+    delivered: int = 0
+    attempts: list[ChatResponse] = field(default_factory=list)
+    closed: bool = False
+
+    def escalated(self, response: ChatResponse) -> None:
+        self.attempts.append(response)
+        self.delivered = 0
+
+    def answered(self, response: ChatResponse) -> None:
+        self._close([*response.attempts, response], None, response.decision)
+
+    def failed(self, exc: ShoalError) -> None:
+        done = exc.response if isinstance(exc, OutputError) else None
+        if done is not None:  # answered in the wrong form: that answer is paid for
+            self._close(list(done.attempts), ("error", exc, done.model, done))
+            return
+        paid = list(exc.attempts) or self.attempts
+        model = exc.model_id or self._running(paid)
+        self._close(paid, ("error", exc, model, None))
+
+    def abandoned(self) -> None:
+        if not self.closed:
+            self._close(self.attempts, ("cancelled", None, self._running(self.attempts), None))
+
+    def _running(self, paid: list[ChatResponse]) -> str:
+        """The model working when the call ended: the stage after the answers paid for."""
+        models = self.plan.models
+        return models[min(len(paid), len(models) - 1)]
+
+    def _cut_short(self, model: str, paid: list[ChatResponse], exc: ShoalError | None) -> float:
+        """What the unfinished stage consumed: nothing when it failed before any work."""
+        if exc is not None and exc.before_work:
+            return 0.0
+        try:
+            card = self.engine.model(model).card
+        except ShoalError:
+            return 0.0
+        seconds = time.perf_counter() - self.clock - sum(a.latency_s for a in paid)
+        return card.partial_cost(self.request, seconds=max(seconds, 0.0), delivered=self.delivered)
+
+    def _close(
+        self,
+        paid: list[ChatResponse],
+        ending: tuple[str, ShoalError | None, str, ChatResponse | None] | None,
+        decided: RouteDecision | None = None,
+    ) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        engine, now = self.engine, time.time()
+        decided = decided or self.plan.decision
+        decision = decided.model_dump(mode="json") if decided else None
+        run_id, step, item, route = self.run_id, self.step, self.item, self.plan.route
+        records = [_record(a, self.started, now, run_id, step, item, decision, route) for a in paid]
+        if ending is not None:
+            status, exc, model, done = ending
+            cost = done.cost_usd if done is not None else self._cut_short(model, paid, exc)
+            records.append(
+                CallRecord(
+                    model=model,
+                    status=status,
+                    error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
+                    route=self.plan.route,
+                    input_tokens=done.usage.input_tokens if done else 0,
+                    output_tokens=done.usage.output_tokens if done else 0,
+                    latency_s=time.perf_counter() - self.clock,
+                    compute_s=done.compute_s if done else 0.0,
+                    cost_usd=whole_pico(cost),
+                    decision=decision,
+                    started_at=self.started,
+                    finished_at=now,
+                    run_id=run_id,
+                    step=step,
+                    item=item,
+                )
+            )
+        charged = sum(to_pico(r.cost_usd) for r in records)
+        if self.hold is not None:
+            self.hold.settle(charged)
+        for record in records:
+            engine.traces.record_call(record)

@@ -1,23 +1,42 @@
 """One exception tree for all of shoal.
 
-    ShoalError                      base; `.retryable` says whether the same call may succeed later
+    ShoalError                      base
     ├── ConfigError                 a fleet file or setting is invalid (says where)
+    │   ├── PipelineError           a pipeline is ill-formed (a cycle, a missing input)
+    │   └── OutcomeTableError       an outcome table is missing, malformed or degenerate
     ├── UnknownModelError           no model with that id (lists the valid ids)
     ├── UnknownRouteError           no route with that name (lists the valid routes)
+    ├── UnknownPipelineError        no pipeline with that name (lists the valid ones)
+    ├── UnknownRunError             no run with that id (or not the caller's)
     ├── ModelNotInstalledError      a model's weights are missing (names the package / command)
     ├── WeightsCorruptedError       weights on disk do not match their sha256
     ├── InvalidRequestError         the request cannot be served as asked
-    │   └── ContextWindowExceededError   prompt (+ max_tokens) longer than the context window
+    │   ├── ContextWindowExceededError   prompt (+ max_tokens) longer than the context window
+    │   ├── MalformedRequestError   the body is not JSON, or not a valid request
+    │   ├── UnsupportedParameterError    a parameter shoal does not honour (tools, n=2, ...)
+    │   └── PayloadTooLargeError    the body is over the configured limit
+    ├── AuthenticationError         no API key, or an unknown or revoked one
+    ├── BudgetExceededError         a budget (a key's, a run's) cannot cover the call's worst case
+    ├── DeadlineReachedError        no model can answer in the time left
+    ├── StepFailedError             a pipeline step failed (its output never fit, every item failed)
     ├── OutputError                 the model answered, but not in the form asked for
     │   ├── OutputTruncatedError    max_tokens cut structured output short
     │   └── OutputInvalidError      output does not parse / match its schema
-    ├── OverloadedError             a bounded queue is full (retryable)
-    └── BackendError                the model's backend failed (retryable unless said otherwise)
+    ├── OverloadedError             a bounded queue is full
+    │   └── RateLimitedError        a key's rate limit, or its budget held by calls in flight
+    └── BackendError                the model's backend failed
         ├── BackendTimeoutError     no answer in time
         ├── BackendUnavailableError cannot connect
         └── UpstreamHTTPError       an HTTP API answered with an error status
 
-Boundaries (adapters, server, CLI) map foreign exceptions into this tree with `raise ... from exc`.
+Every class says what it is, as attributes (the one classification; nothing else keeps lists):
+- `retryable`: the same call may succeed later.
+- `bad_input`: the caller's request or configuration is at fault, not a model or backend.
+- `before_work`: raised before any model did work, so the failed call itself cost nothing (only
+  the answers it carries in `attempts`, or `response` for an answer in the wrong form).
+
+Boundaries (adapters, server, CLI) map foreign exceptions into this tree with `raise ... from exc`;
+the server maps classes to HTTP statuses through one table (`shoal.server.errors`).
 """
 
 from __future__ import annotations
@@ -31,14 +50,18 @@ if TYPE_CHECKING:
 
 class ShoalError(Exception):
     retryable: bool = False
+    bad_input: bool = False
+    before_work: bool = False
     # Answers computed before the failure and paid for, though not kept: a cascade's earlier
     # stages when its last one fails.
     attempts: tuple[ChatResponse, ...] = ()
+    # The model whose call failed (a route names the stage that failed), when known.
+    model_id: str | None = None
 
     @property
     def paid_usd(self) -> float:
-        """What the failed call cost before it failed: its earlier answers, and for an answer
-        in the wrong form, that answer."""
+        """What the failed call cost in answers that came back: its earlier answers, and for an
+        answer in the wrong form, that answer."""
         response = getattr(self, "response", None)
         if response is not None:  # already carries the earlier answers
             return float(response.total_cost_usd)
@@ -46,26 +69,57 @@ class ShoalError(Exception):
 
 
 class ConfigError(ShoalError):
-    pass
+    bad_input = True
+    before_work = True
 
 
-class UnknownModelError(ShoalError):
-    def __init__(self, model_id: str, known: Iterable[str]) -> None:
-        self.model_id = model_id
-        self.known = sorted(known)
-        choices = ", ".join(self.known) or "none configured"
-        super().__init__(f"unknown model {model_id!r}; valid models: {choices}")
+class PipelineError(ConfigError):
+    """A pipeline's graph or spec is invalid; raised before anything runs."""
 
 
-class UnknownRouteError(ShoalError):
+class OutcomeTableError(ConfigError):
+    """An outcome table is missing, empty, malformed or too degenerate to route on."""
+
+
+class _Unknown(ShoalError):
+    bad_input = True
+    before_work = True
+    what = "name"
+    empty = "none configured"
+
     def __init__(self, name: str, known: Iterable[str]) -> None:
         self.name = name
         self.known = sorted(known)
-        choices = ", ".join(self.known) or "none configured (add a `routes:` section)"
-        super().__init__(f"unknown route {name!r}; valid routes: {choices}")
+        choices = ", ".join(self.known) or self.empty
+        super().__init__(f"unknown {self.what} {name!r}; valid {self.what}s: {choices}")
+
+
+class UnknownModelError(_Unknown):
+    what = "model"
+
+
+class UnknownRouteError(_Unknown):
+    what = "route"
+    empty = "none configured (add a `routes:` section)"
+
+
+class UnknownPipelineError(_Unknown):
+    what = "pipeline"
+    empty = "none served"
+
+
+class UnknownRunError(ShoalError):
+    bad_input = True
+    before_work = True
+
+    def __init__(self, pipeline: str, run_id: str) -> None:
+        super().__init__(f"pipeline {pipeline!r} has no run {run_id!r}")
 
 
 class ModelNotInstalledError(ShoalError):
+    bad_input = True
+    before_work = True
+
     def __init__(self, message: str, *, install_command: str | None = None) -> None:
         self.install_command = install_command
         if install_command:
@@ -74,11 +128,17 @@ class ModelNotInstalledError(ShoalError):
 
 
 class WeightsCorruptedError(ShoalError):
-    pass
+    bad_input = True
+    before_work = True
 
 
 class InvalidRequestError(ShoalError):
-    pass
+    bad_input = True
+    before_work = True
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 class ContextWindowExceededError(InvalidRequestError):
@@ -89,8 +149,42 @@ class ContextWindowExceededError(InvalidRequestError):
         self.context = context
         super().__init__(
             f"{model_id}: prompt of {prompt_tokens} tokens + max_tokens {max_tokens} "
-            f"exceeds the context window of {context} tokens"
+            f"exceeds the context window of {context} tokens",
+            param="messages",
         )
+
+
+class MalformedRequestError(InvalidRequestError):
+    pass
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    pass
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"the request body is over the limit of {limit} bytes")
+
+
+class AuthenticationError(ShoalError):
+    bad_input = True
+    before_work = True
+
+
+class BudgetExceededError(ShoalError):
+    """A budget cannot cover a call's worst case: retrying cannot refill it."""
+
+    before_work = True
+
+
+class DeadlineReachedError(ShoalError):
+    before_work = True
+
+
+class StepFailedError(ShoalError):
+    pass
 
 
 class OutputError(ShoalError):
@@ -113,10 +207,15 @@ class OutputInvalidError(OutputError):
 
 class OverloadedError(ShoalError):
     retryable = True
+    before_work = True
 
     def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
         self.retry_after_s = retry_after_s
         super().__init__(message)
+
+
+class RateLimitedError(OverloadedError):
+    pass
 
 
 class BackendError(ShoalError):
@@ -128,7 +227,7 @@ class BackendTimeoutError(BackendError):
 
 
 class BackendUnavailableError(BackendError):
-    pass
+    before_work = True
 
 
 class UpstreamHTTPError(BackendError):

@@ -142,6 +142,14 @@ class TextDelta(_Frozen):
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
+class Escalated(_Frozen):
+    """A cascade stage answered and its answer was not trusted: the answer is paid for (and
+    arrives again in the final response's `attempts`); the route asks the next model."""
+
+    kind: Literal["escalated"] = "escalated"
+    response: ChatResponse
+
+
 class Completed(_Frozen):
     """The last event of a stream: the full response, costed exactly as a non-streamed call."""
 
@@ -149,4 +157,4 @@ class Completed(_Frozen):
     response: ChatResponse
 
 
-StreamEvent = TextDelta | Completed
+StreamEvent = TextDelta | Escalated | Completed

@@ -179,7 +179,7 @@ def runs_list(
 
 def large_model(fleet: Fleet) -> str:
     """The fleet model a typical call costs most on: the 'what if everything ran there'."""
-    return max(fleet.ids, key=lambda m: fleet.card(m).worst_case_cost(2000, 200))
+    return max(fleet.ids, key=lambda m: fleet.card(m).seconds_for(500, 200))
 
 
 def cost_on(fleet: Fleet, model: str, call: CallRecord) -> float:
@@ -188,7 +188,7 @@ def cost_on(fleet: Fleet, model: str, call: CallRecord) -> float:
     if call.model == model:
         return call.cost_usd
     usage = Usage(input_tokens=call.input_tokens, output_tokens=call.output_tokens)
-    return card.cost(usage, card.expected_seconds(call.input_tokens, call.output_tokens))
+    return card.cost(usage, card.seconds_for(call.input_tokens, call.output_tokens))
 
 
 @runs_app.command("show")

@@ -32,7 +32,7 @@ def _keys_path(keys: Path | None, fleet_file: Path | None) -> Path:
     if keys is not None:
         return keys
     from shoal.cli.common import fleet_from as _fleet
-    from shoal.server.app import KEYS_FILE
+    from shoal.server.state import KEYS_FILE
 
     return _fleet(fleet_file).cache_dir / KEYS_FILE
 

@@ -8,6 +8,11 @@ Generation is a token loop over `Llama.generate` rather than `create_chat_comple
 shoal read each token's log-probability from the last logits for free (no `logits_all`), stop a
 generation whose caller went away, and constrain output with a grammar built from the JSON schema
 (llama-cpp-python ignores OpenAI's `json_schema` response format).
+
+The prompt is evaluated first, in chunks of `PREFILL_CHUNK` tokens, so a call whose caller went
+away, or whose cost cap (`ChatRequest.max_cost_usd`) the next chunk would pass, stops using the
+CPU within one chunk: a cancelled call overruns by at most one chunk's compute, and a capped
+call stops before the chunk that would pass its cap (answering nothing, finish reason "length").
 """
 
 from __future__ import annotations
@@ -56,7 +61,17 @@ Emit = Callable[[TextDelta], None]
 
 
 class _Cancelled(Exception):
-    """The caller stopped listening; generation stopped between two tokens."""
+    """The caller stopped listening; generation stopped between two tokens or prompt chunks."""
+
+
+class _CapReached(Exception):
+    """The next prompt chunk would cost more than the caller allowed."""
+
+
+# Prompt tokens evaluated between two checks for cancellation and the cost cap: small enough
+# that a check comes every fraction of a second on a 2-core CPU, large enough to keep prompt
+# evaluation near full speed.
+PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -229,6 +244,22 @@ class LlamaCppModel(Model):
                 self.id, len(prompt), request.max_tokens, self.card.context
             )
         grammar = self._grammar(request)
+        try:
+            self._prefill(llama, prompt, cancelled, started, self._compute_cap(request))
+        except _CapReached:
+            compute = time.perf_counter() - started
+            usage = Usage(input_tokens=len(prompt), output_tokens=0)
+            return ChatResponse(
+                model=self.id,
+                text="",
+                finish_reason="length",
+                usage=usage,
+                latency_s=compute,
+                compute_s=compute,
+                ttft_s=compute,
+                cost_usd=self.card.cost(usage, compute),
+                logprobs=() if request.logprobs else None,
+            )
         if request.seed is not None:
             llama.set_seed(request.seed)
         # Greedy JSON: a sampler that asks the grammar about the chosen token only, put where
@@ -253,6 +284,40 @@ class LlamaCppModel(Model):
             if fast is not None:
                 del llama._init_sampler
                 fast.close()
+
+    def _prefill(
+        self,
+        llama: Any,
+        prompt: list[int],
+        cancelled: threading.Event,
+        started: float,
+        cap_s: float,
+    ) -> None:
+        """Evaluate all but the prompt's last token, `PREFILL_CHUNK` tokens at a time, reusing
+        what the context already holds; `generate` then finds them cached and evaluates only the
+        last one. Stops between chunks when the caller went away or the cap would be passed."""
+        if llama._is_recurrent or llama._is_hybrid:
+            return  # their state cannot be cut back to a prefix: let `generate` evaluate
+        held = llama.n_tokens
+        common = 0
+        for a, b in zip(llama._input_ids[:held], prompt, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)
+        llama.n_tokens = common
+        todo = prompt[common : len(prompt) - 1]
+        speed = self.card.measured.prompt_tok_s if self.card.measured else self.card.prompt_tok_s
+        per_token = 1.0 / speed if speed else 0.0
+        for i in range(0, len(todo), PREFILL_CHUNK):
+            if cancelled.is_set():
+                raise _Cancelled
+            chunk = todo[i : i + PREFILL_CHUNK]
+            elapsed = time.perf_counter() - started
+            if elapsed + per_token * (len(chunk) + 1) > cap_s:
+                raise _CapReached
+            llama.eval(chunk)
+            per_token = (time.perf_counter() - started) / (i + len(chunk))
 
     def _decode(
         self,

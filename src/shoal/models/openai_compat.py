@@ -1,23 +1,38 @@
 """Any OpenAI-compatible `/v1/chat/completions` endpoint (OpenAI, vLLM, Ollama, llama.cpp's
 server, another shoal), over async HTTP with streaming, timeouts and bounded concurrency.
 
-OpenAI's field names live here and nowhere below the server.
+The request it sends, the completion it reads and the stream's chunks are translated by
+`shoal.openai_wire`, the same module the server answers with. The stream is read as server-sent
+events (`SSEDecoder`), up to OpenAI's `data: [DONE]`.
+
+What a call costs: the card's price for the usage the upstream reports. When the upstream is
+another shoal gateway (its answer carries a `shoal` object), the answer keeps the upstream's
+route decision and whether its usage was estimated, and when the card has no token price of its
+own (both prices 0), the cost the upstream reported is the call's cost: the upstream priced the
+models it called, cascades included.
+
+When the upstream reports no usage (some servers ignore `stream_options.include_usage`), shoal
+estimates it: the prompt as the card's estimator counts it (`estimate_tokens`), and one token per
+content chunk of a stream (about 4 characters per token of a whole completion); the answer is
+flagged `usage_estimated`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
+import re
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
+from pydantic import ValidationError
 
-from shoal.cards import ModelCard
+from shoal.cards import ModelCard, TokenPrice, estimate_tokens
 from shoal.errors import (
     BackendError,
     BackendTimeoutError,
@@ -26,84 +41,24 @@ from shoal.errors import (
     OverloadedError,
     UpstreamHTTPError,
 )
-from shoal.messages import (
-    ChatRequest,
-    ChatResponse,
-    Completed,
-    FinishReason,
-    StreamEvent,
-    TextDelta,
-    TokenLogprob,
-    Usage,
-)
+from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, Usage
 from shoal.models.base import Model
 from shoal.models.output import check_json
+from shoal.money import whole_pico
+from shoal.openai_wire import (
+    STREAM_DONE,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChunkReader,
+    JsonSchemaStyle,
+    ShoalInfo,
+    error_message,
+    from_chat_request,
+    read_chunk,
+    response_of,
+)
 
 log = logging.getLogger(__name__)
-
-JsonSchemaStyle = Literal["openai", "llama_cpp"]
-
-
-def request_body(
-    request: ChatRequest, model: str, *, stream: bool, schema_style: JsonSchemaStyle = "openai"
-) -> dict[str, Any]:
-    """Translate a `ChatRequest` into an OpenAI chat-completions body."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "stream": stream,
-    }
-    if request.stop:
-        body["stop"] = list(request.stop)
-    if request.seed is not None:
-        body["seed"] = request.seed
-    if request.logprobs:
-        body["logprobs"] = True
-        if request.top_logprobs:
-            body["top_logprobs"] = request.top_logprobs
-    if request.json_schema is not None:
-        if schema_style == "llama_cpp":
-            # llama.cpp's server ignores `json_schema`; it constrains with this form instead.
-            body["response_format"] = {"type": "json_object", "schema": request.json_schema}
-        else:
-            body["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": request.json_schema, "strict": True},
-            }
-    elif request.json_object:
-        body["response_format"] = {"type": "json_object"}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
-    return body
-
-
-def parse_logprobs(data: Any) -> tuple[TokenLogprob, ...]:
-    if not isinstance(data, dict) or not data.get("content"):
-        return ()
-    return tuple(
-        TokenLogprob(
-            token=item["token"],
-            logprob=float(item["logprob"]),
-            top=tuple((t["token"], float(t["logprob"])) for t in item.get("top_logprobs") or ()),
-        )
-        for item in data["content"]
-    )
-
-
-def _finish(value: Any) -> FinishReason:
-    return "length" if value == "length" else "stop"
-
-
-def _usage(data: Any) -> Usage | None:
-    if not isinstance(data, dict):
-        return None
-    return Usage(
-        input_tokens=int(data.get("prompt_tokens") or 0),
-        output_tokens=int(data.get("completion_tokens") or 0),
-    )
 
 
 class OpenAICompatModel(Model):
@@ -193,90 +148,72 @@ class OpenAICompatModel(Model):
         if response.status >= 400:
             text = await response.text(errors="replace")
             response.release()
-            raise UpstreamHTTPError(response.status, _error_message(text))
+            raise UpstreamHTTPError(response.status, error_message(text))
         return response
 
     # -- calls -------------------------------------------------------------------------------
 
+    def _body(self, request: ChatRequest, *, stream: bool) -> dict[str, Any]:
+        wire = from_chat_request(
+            request, self.upstream_model, stream=stream, schema_style=self.schema_style
+        )
+        return wire.body()
+
     async def generate(self, request: ChatRequest) -> ChatResponse:
         session, slots = self._bind()
-        body = request_body(
-            request, self.upstream_model, stream=False, schema_style=self.schema_style
-        )
+        body = self._body(request, stream=False)
         await self._admit(slots)
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.timeout_s):
                 response = await self._post(session, body)
                 async with response:
-                    data = await response.json(content_type=None)
+                    raw = await response.read()
         except TimeoutError as exc:
             raise BackendTimeoutError(f"{self.id}: no answer within {self.timeout_s} s") from exc
-        except (aiohttp.ClientError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except aiohttp.ClientError as exc:
             raise BackendError(f"{self.id}: broken response from {self.base_url}: {exc}") from exc
         finally:
             slots.release()
         latency = time.perf_counter() - started
         try:
-            choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BackendError(f"{self.id}: response has no choices[0].message") from exc
-        finish = _finish(choice.get("finish_reason"))
-        usage = _usage(data.get("usage")) or Usage()
-        response = ChatResponse(
-            model=self.id,
-            text=text,
-            finish_reason=finish,
-            usage=usage,
-            latency_s=latency,
-            compute_s=latency,
-            ttft_s=latency,
-            cost_usd=self.card.cost(usage, latency),
-            logprobs=parse_logprobs(choice.get("logprobs")) if request.logprobs else None,
+            completion = ChatCompletion.model_validate_json(raw)
+        except ValidationError as exc:
+            raise BackendError(
+                f"{self.id}: response from {self.base_url} is not a chat completion: {exc}"
+            ) from exc
+        reported = response_of(completion)
+        return self._answer(
+            request,
+            reported,
+            usage_missing=completion.usage is None,
+            output_tokens=-(-len(reported.text) // 4),
+            upstream=completion.shoal,
+            latency=latency,
+            ttft=latency,
         )
-        if request.wants_json:
-            check_json(request, response)
-        return response
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         session, slots = self._bind()
-        body = request_body(
-            request, self.upstream_model, stream=True, schema_style=self.schema_style
-        )
+        body = self._body(request, stream=True)
         await self._admit(slots)
         started = time.perf_counter()
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
+        reader = ChunkReader()
         ttft: float | None = None
-        finish: FinishReason = "stop"
-        usage: Usage | None = None
-        chunks = 0
         try:
             # The timeout bounds the wait for the upstream (headers, then each event), never
             # the time the consumer spends between events.
             async with asyncio.timeout(self.timeout_s):
                 response = await self._post(session, body)
-            async with response:
-                events = _sse_events(response)
+            async with response, contextlib.aclosing(self._chunks(response)) as chunks:
                 while True:
                     async with asyncio.timeout(self.timeout_s):
-                        data = await anext(events, None)
-                    if data is None:
+                        chunk = await anext(chunks, None)
+                    if chunk is None:
                         break
-                    if (found := _usage(data.get("usage"))) is not None:
-                        usage = found
-                    for choice in data.get("choices") or ():
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        pieces = parse_logprobs(choice.get("logprobs"))
-                        if choice.get("finish_reason"):
-                            finish = _finish(choice["finish_reason"])
-                        if delta or pieces:
-                            chunks += 1
-                            ttft = ttft if ttft is not None else time.perf_counter() - started
-                            parts.append(delta)
-                            logprobs.extend(pieces)
-                            yield TextDelta(text=delta, logprobs=pieces)
+                    for delta in reader.read(chunk):
+                        ttft = ttft if ttft is not None else time.perf_counter() - started
+                        yield delta
         except TimeoutError as exc:
             raise BackendTimeoutError(f"{self.id}: no answer within {self.timeout_s} s") from exc
         except aiohttp.ClientError as exc:
@@ -284,29 +221,82 @@ class OpenAICompatModel(Model):
         finally:
             slots.release()
         latency = time.perf_counter() - started
-        text = "".join(parts)
-        estimated = usage is None
-        if usage is None:
-            # The upstream ignored stream_options.include_usage: count one token per content
-            # chunk (how OpenAI-compatible servers stream) and ~4 characters per prompt token.
-            log.warning("%s: stream carried no usage; token counts are estimated", self.id)
-            prompt_chars = sum(len(m.content) for m in request.messages)
-            usage = Usage(input_tokens=-(-prompt_chars // 4), output_tokens=chunks)
-        response = ChatResponse(
-            model=self.id,
-            text=text,
-            finish_reason=finish,
-            usage=usage,
-            latency_s=latency,
-            compute_s=latency,
-            ttft_s=ttft,
-            cost_usd=self.card.cost(usage, latency),
-            logprobs=tuple(logprobs) if request.logprobs else None,
-            usage_estimated=estimated,
+        yield Completed(
+            response=self._answer(
+                request,
+                reader.response(),
+                usage_missing=reader.usage is None,
+                output_tokens=reader.deltas,
+                upstream=reader.shoal,
+                latency=latency,
+                ttft=ttft,
+            )
+        )
+
+    async def _chunks(
+        self, response: aiohttp.ClientResponse
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
+        """The chunks of an OpenAI stream, up to `[DONE]`; an error event raises."""
+        decoder = SSEDecoder()
+        async for data in response.content.iter_any():
+            for event in decoder.feed(data):
+                if event.event == "error":
+                    message = error_message(event.data)
+                    raise BackendError(f"{self.id}: upstream error in stream: {message}")
+                if event.event != "message":
+                    log.debug("%s: skipped a stream event of type %r", self.id, event.event)
+                    continue
+                if event.data == STREAM_DONE:
+                    return
+                try:
+                    chunk = read_chunk(event.data)
+                except ValueError as exc:
+                    raise BackendError(
+                        f"{self.id}: malformed event in stream: {event.data[:200]!r}"
+                    ) from exc
+                yield chunk
+        raise BackendError(f"{self.id}: the stream ended before [DONE]")
+
+    def _answer(
+        self,
+        request: ChatRequest,
+        reported: ChatResponse,
+        *,
+        usage_missing: bool,
+        output_tokens: int,
+        upstream: ShoalInfo | None,
+        latency: float,
+        ttft: float | None,
+    ) -> ChatResponse:
+        """The response to `request` from what the upstream reported, timed and costed here."""
+        usage = reported.usage
+        if usage_missing:
+            log.warning("%s: the answer carried no usage; token counts are estimated", self.id)
+            usage = Usage(input_tokens=estimate_tokens(request).input, output_tokens=output_tokens)
+        if upstream is not None and _unpriced(self.card):
+            cost = whole_pico(upstream.cost_usd)
+        else:
+            cost = self.card.cost(usage, latency)
+        response = reported.model_copy(
+            update={
+                "model": self.id,
+                "usage": usage,
+                "latency_s": latency,
+                "compute_s": latency,
+                "ttft_s": ttft,
+                "cost_usd": cost,
+                "logprobs": (reported.logprobs or ()) if request.logprobs else None,
+            }
         )
         if request.wants_json:
             check_json(request, response)
-        yield Completed(response=response)
+        return response
+
+
+def _unpriced(card: ModelCard) -> bool:
+    """Whether a card has no token price of its own (an upstream shoal prices its own calls)."""
+    price = card.price
+    return isinstance(price, TokenPrice) and price.input_per_mtok == price.output_per_mtok == 0
 
 
 def _abandon(session: aiohttp.ClientSession) -> None:
@@ -324,38 +314,84 @@ def _abandon(session: aiohttp.ClientSession) -> None:
             connector._close()
 
 
-async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of a server-sent event stream, up to `[DONE]`."""
-    saw_done = False
-    async for raw in response.content:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            saw_done = True
-            break
+@dataclass(frozen=True)
+class ServerSentEvent:
+    """One event of a stream: its type ("message" unless named) and its data."""
+
+    event: str
+    data: str
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+MAX_EVENT_BYTES = 16 << 20
+"""The most one server-sent event (or one line of it) may hold."""
+
+
+class SSEDecoder:
+    """Server-sent events from a stream of bytes, parsed as the HTML standard says.
+
+    Lines end at CRLF, LF or CR, wherever the bytes are split. A blank line ends an event; its
+    `data:` lines are joined with "\n"; `event:` names it ("message" when not named); a line
+    starting with ":" is a comment. An event without data is not dispatched, nor one the stream
+    ends in the middle of. `id:` and `retry:` serve reconnection, which a call never does, and
+    are ignored. Bytes that are not UTF-8 raise `BackendError` (an answer is never garbled), as
+    does an event over `MAX_EVENT_BYTES`.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._after_cr = False
+        self._first = True
+        self._event = ""
+        self._data: list[str] = []
+        self._size = 0
+
+    def feed(self, data: bytes) -> list[ServerSentEvent]:
+        """The events that `data`, the next bytes of the stream, completes."""
+        if not data:
+            return []
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]  # the LF of a CRLF split across two reads
+        self._buffer += data
+        events: list[ServerSentEvent] = []
+        start = 0
+        for end in _LINE_END.finditer(self._buffer):
+            event = self._line(self._buffer[start : end.start()])
+            start = end.end()
+            if event is not None:
+                events.append(event)
+        self._after_cr = self._buffer.endswith(b"\r") and start == len(self._buffer)
+        self._buffer = self._buffer[start:]
+        if len(self._buffer) + self._size > MAX_EVENT_BYTES:
+            raise BackendError(f"a stream event is over {MAX_EVENT_BYTES} bytes")
+        return events
+
+    def _line(self, raw: bytes) -> ServerSentEvent | None:
+        if self._first:
+            raw = raw.removeprefix(_BOM)
+            self._first = False
         try:
-            data = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BackendError(f"malformed event in stream: {payload[:200]!r}") from exc
-        if isinstance(data, dict) and "error" in data:
-            raise BackendError(f"upstream error in stream: {_error_message(json.dumps(data))}")
-        if isinstance(data, dict):
-            yield data
-    if not saw_done:
-        raise BackendError("the stream ended before [DONE]")
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BackendError(f"the stream is not UTF-8: {raw[:200]!r}") from exc
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+            self._size += len(raw)
+        elif name == "event":
+            self._event = value
+        return None
 
-
-def _error_message(text: str) -> str:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return text[:500]
-    if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict) and "message" in error:
-            return str(error["message"])[:500]
-        if isinstance(error, str):
-            return error[:500]
-    return text[:500]
+    def _dispatch(self) -> ServerSentEvent | None:
+        data, event = self._data, self._event or "message"
+        self._data, self._event, self._size = [], "", 0
+        if not data:
+            return None
+        return ServerSentEvent(event=event, data="\n".join(data))

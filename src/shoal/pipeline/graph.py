@@ -23,11 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from shoal.errors import ConfigError
-
-
-class PipelineError(ConfigError):
-    """The pipeline's graph is invalid; raised before anything runs."""
+from shoal.errors import PipelineError
 
 
 @dataclass(frozen=True)

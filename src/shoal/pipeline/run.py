@@ -1,15 +1,16 @@
 """Running a pipeline: steps as soon as their inputs are ready, within a budget and a deadline.
 
-The runner knows nothing about models. Model steps go through a `Caller` (the engine is one),
-which makes the call, prices its worst case, and names a cheaper or faster stand-in when money
-or time runs low.
+The runner knows nothing about models. Model steps go through a `Caller` (the engine is one):
+it plans a call (decided once, priced by the cards), names cheaper stand-ins when money or time
+runs low, and runs a plan against a hold on the run's ledger account.
 
-Budget: before a call starts, its worst-case cost is reserved; a call whose reservation does not
-fit the budget left is degraded to a cheaper model, or the run stops with a partial result. The
-reservation is settled to the actual cost when the call ends (kept whole when the call failed
-after doing work), so concurrent fan-out never spends past the budget as long as no call costs
-more than its worst case. Deadline: the whole run is bounded; a call expected to take longer
-than the time left is degraded to a faster model or not started.
+Budget: the run's budget is a ledger `Account`. Before a call starts, its plan's worst-case cost
+is held; a call whose hold does not fit the budget left is degraded to a cheaper model, or the
+run stops with a partial result. The caller settles the hold to what the call cost however it
+ends (answered, failed, cancelled at the deadline), and the trace records the same charge, so
+the run's cost is the sum of its calls' traces. Concurrent fan-out never spends past the budget:
+each call is capped at what it holds. Deadline: the whole run is bounded; a call expected to
+take longer than the time left is degraded to a faster model or not started.
 """
 
 from __future__ import annotations
@@ -26,20 +27,20 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from shoal.calls import CallPlan
 from shoal.errors import (
-    BackendUnavailableError,
-    ConfigError,
-    InvalidRequestError,
-    ModelNotInstalledError,
+    BudgetExceededError,
+    DeadlineReachedError,
     OutputError,
     OutputTruncatedError,
-    OverloadedError,
+    PipelineError,
     ShoalError,
-    UnknownModelError,
+    StepFailedError,
 )
+from shoal.ledger import Account, Hold, to_usd
 from shoal.messages import ChatRequest, ChatResponse, Message
 from shoal.pipeline.cache import ResponseCache
-from shoal.pipeline.graph import ModelStep, Pipeline, PipelineError, PythonStep, Step
+from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep, Step
 from shoal.traces.store import TraceStore
 
 log = logging.getLogger(__name__)
@@ -48,57 +49,23 @@ log = logging.getLogger(__name__)
 class Caller(Protocol):
     """How the runner reaches models (the engine implements it)."""
 
-    async def call(
-        self, model: str, request: ChatRequest, *, run_id: str | None, step: str, item: str | None
+    async def plan(self, name: str, request: ChatRequest) -> CallPlan: ...
+
+    def stand_ins(self, plan: CallPlan) -> list[CallPlan]: ...
+
+    async def execute(
+        self,
+        plan: CallPlan,
+        *,
+        hold: Hold | None = None,
+        run_id: str | None = None,
+        step: str | None = None,
+        item: str | None = None,
     ) -> ChatResponse: ...
 
     def record_cached(
         self, response: ChatResponse, *, run_id: str | None, step: str, item: str | None
     ) -> None: ...
-
-    def worst_case_cost(self, model: str, request: ChatRequest) -> float: ...
-
-    def expected_latency(self, model: str, request: ChatRequest) -> float: ...
-
-    def cheaper(self, model: str) -> str | None: ...
-
-
-class BudgetExhausted(ShoalError):
-    """No model the step may use fits in the budget left."""
-
-
-class DeadlineReached(ShoalError):
-    """No model the step may use can answer in the time left."""
-
-
-class StepFailed(ShoalError):
-    pass
-
-
-class Budget:
-    """Reservations against a limit. Reserve and settle are synchronous, so on one event loop
-    they are atomic: concurrent calls cannot both take the last cent."""
-
-    def __init__(self, limit_usd: float | None) -> None:
-        self.limit_usd = limit_usd
-        self.spent_usd = 0.0
-        self.reserved_usd = 0.0
-
-    @property
-    def left_usd(self) -> float:
-        if self.limit_usd is None:
-            return float("inf")
-        return self.limit_usd - self.spent_usd - self.reserved_usd
-
-    def reserve(self, amount: float) -> bool:
-        if amount > self.left_usd + 1e-15:
-            return False
-        self.reserved_usd += amount
-        return True
-
-    def settle(self, reserved: float, actual: float) -> None:
-        self.reserved_usd -= reserved
-        self.spent_usd += actual
 
 
 RunStatus = Literal["ok", "partial", "failed"]
@@ -181,7 +148,8 @@ class Runner:
             raise PipelineError(
                 f"pipeline {pipeline.name!r}: missing input(s) {', '.join(missing)}"
             )
-        run = _Run(self, pipeline, dict(inputs), Budget(budget_usd), deadline_s, on_event)
+        budget = Account.usd(f"run of {pipeline.name!r}", budget_usd)
+        run = _Run(self, pipeline, dict(inputs), budget, deadline_s, on_event)
         run.run_id = run_id
         return await run.execute()
 
@@ -192,7 +160,7 @@ class _Run:
         runner: Runner,
         pipeline: Pipeline,
         inputs: dict[str, Any],
-        budget: Budget,
+        budget: Account,
         deadline_s: float | None,
         on_event: OnEvent | None,
     ) -> None:
@@ -213,6 +181,11 @@ class _Run:
 
     # -- the run -------------------------------------------------------------------------------
 
+    @property
+    def budget_usd(self) -> float | None:
+        limit = self.budget.limit_pusd
+        return None if limit is None else to_usd(limit)
+
     def time_left(self) -> float:
         if self.deadline_s is None:
             return float("inf")
@@ -222,7 +195,7 @@ class _Run:
         traces = self.runner.traces
         if traces is not None and self.run_id is None:
             self.run_id = traces.start_run(
-                self.pipeline.name, budget_usd=self.budget.limit_usd, deadline_s=self.deadline_s
+                self.pipeline.name, budget_usd=self.budget_usd, deadline_s=self.deadline_s
             )
         self.started = time.monotonic()
         tasks: dict[str, asyncio.Task[None]] = {}
@@ -262,7 +235,7 @@ class _Run:
             values={k: _plain(v) for k, v in self.values.items() if k in self.pipeline.steps},
             steps=outcomes,
             cost_usd=self.budget.spent_usd,
-            budget_usd=self.budget.limit_usd,
+            budget_usd=self.budget_usd,
             deadline_s=self.deadline_s,
             wall_s=time.monotonic() - self.started,
         )
@@ -301,7 +274,7 @@ class _Run:
         try:
             if step.map_over is not None:
                 if not isinstance(args[step.map_over], list | tuple):
-                    raise StepFailed(f"maps over {step.map_over!r}, which did not give a list")
+                    raise StepFailedError(f"maps over {step.map_over!r}, which did not give a list")
                 items = list(args[step.map_over])
             state.outcome.items = len(items)
             self.on_event(RunEvent("step_started", name, items=len(items)))
@@ -325,7 +298,7 @@ class _Run:
                     else:
                         aligned.append(result)
                 if items and state.outcome.items_failed == len(items) and not step.optional:
-                    raise StepFailed(f"every item failed; the last: {state.outcome.error}")
+                    raise StepFailedError(f"every item failed; the last: {state.outcome.error}")
                 self.values[name] = aligned
             state.outcome.status = "partial" if state.outcome.items_failed else "ok"
         except asyncio.CancelledError:
@@ -350,7 +323,7 @@ class _Run:
             )
 
     def _note_stop(self, exc: BaseException) -> None:
-        if isinstance(exc, BudgetExhausted | DeadlineReached):
+        if isinstance(exc, BudgetExceededError | DeadlineReachedError):
             self.budget_or_deadline_hit = True
             if self.stop_reason is None:
                 self.stop_reason = str(exc)
@@ -403,8 +376,8 @@ class _Run:
             try:
                 response = self._cached(step, model, request, key)
                 if response is None:
-                    model = self._affordable(step, model, request)
-                    response = await self._call(step, model, request, key)
+                    plan = self._fit(step, await self.runner.caller.plan(model, request))
+                    response = await self._call(step, plan, key)
             except OutputTruncatedError:
                 if attempt >= step.retries:
                     raise
@@ -435,7 +408,7 @@ class _Run:
                 return _parse(step.output, response.text)
             except ValueError as exc:
                 if attempt >= step.retries:
-                    raise StepFailed(
+                    raise StepFailedError(
                         f"step {step.name!r}: output does not fit its schema: {exc}"
                     ) from exc
                 attempt += 1
@@ -454,82 +427,46 @@ class _Run:
             self.runner.caller.record_cached(hit, run_id=self.run_id, step=step.name, item=key)
         return hit
 
-    def _affordable(self, step: ModelStep, model: str, request: ChatRequest) -> str:
-        """`model`, or the first cheaper/faster stand-in that fits the budget and time left."""
-        caller = self.runner.caller
-        tried = []
-        candidate: str | None = model
-        while candidate is not None:
-            fits_time = caller.expected_latency(candidate, request) <= self.time_left()
-            fits_money = caller.worst_case_cost(candidate, request) <= self.budget.left_usd
-            if fits_time and fits_money:
-                if candidate != model:
-                    low = (
-                        "money" if not _fits_money(caller, model, request, self.budget) else "time"
-                    )
-                    self.states[step.name].outcome.degraded.append(
-                        f"{model} -> {candidate} ({low} running low)"
-                    )
-                return candidate
-            tried.append(candidate)
-            candidate = caller.cheaper(candidate)
-        if caller.worst_case_cost(tried[-1], request) > self.budget.left_usd:
-            raise BudgetExhausted(
-                f"budget exhausted: ${self.budget.left_usd:.6f} left, not enough for "
-                f"{' or '.join(tried)}"
+    def _fits(self, plan: CallPlan) -> tuple[bool, bool]:
+        """(fits the money left, fits the time left)."""
+        return self.budget.fits(plan.worst_usd), plan.expected_s <= self.time_left()
+
+    def _fit(self, step: ModelStep, plan: CallPlan) -> CallPlan:
+        """`plan`, or the dearest cheaper stand-in that fits the budget and time left."""
+        money, time_ok = self._fits(plan)
+        if money and time_ok:
+            return plan
+        low = "money" if not money else "time"
+        for stand_in in self.runner.caller.stand_ins(plan):
+            if all(self._fits(stand_in)):
+                self.states[step.name].outcome.degraded.append(
+                    f"{plan.name} -> {stand_in.name} ({low} running low)"
+                )
+                return stand_in
+        tried = " or ".join([plan.name, *(p.name for p in self.runner.caller.stand_ins(plan))])
+        if not money:
+            raise BudgetExceededError(
+                f"budget exhausted: ${self.budget.left_usd:.6f} left, not enough for {tried}"
             )
-        raise DeadlineReached(
-            f"deadline near: {self.time_left():.1f} s left, too little for {' or '.join(tried)}"
+        raise DeadlineReachedError(
+            f"deadline near: {self.time_left():.1f} s left, too little for {tried}"
         )
 
-    async def _call(
-        self, step: ModelStep, model: str, request: ChatRequest, key: str | None
-    ) -> ChatResponse:
-        caller = self.runner.caller
+    async def _call(self, step: ModelStep, plan: CallPlan, key: str | None) -> ChatResponse:
         outcome = self.states[step.name].outcome
-        cache = self.runner.cache
-        reserved = caller.worst_case_cost(model, request)
-        if not self.budget.reserve(reserved):
-            raise BudgetExhausted(f"budget exhausted: ${self.budget.left_usd:.6f} left")
-        spent = reserved
-        # The model may spend up to what was reserved and no more (a local model stops early).
-        capped = request.model_copy(update={"max_cost_usd": reserved})
+        hold = self.budget.reserve(plan.worst_usd)
         try:
-            response = await caller.call(
-                model, capped, run_id=self.run_id, step=step.name, item=key
+            response = await self.runner.caller.execute(
+                plan, hold=hold, run_id=self.run_id, step=step.name, item=key
             )
-            spent = response.total_cost_usd
-        except OutputError as exc:
-            if exc.response is not None:  # answered in the wrong form: the work is paid for
-                spent = exc.paid_usd
-            raise
-        except _BEFORE_ANY_WORK as exc:
-            spent = exc.paid_usd  # refused before any work: only a cascade's earlier stages
-            raise
         finally:
-            self.budget.settle(reserved, spent)
-            outcome.cost_usd += spent
+            if not hold.settled:  # the caller settles; a caller that could not start releases
+                hold.release()
+            outcome.cost_usd += to_usd(hold.charged_pusd or 0)
             outcome.calls += 1
-        if cache is not None:
-            cache.put(model, request, response)
+        if self.runner.cache is not None:
+            self.runner.cache.put(plan.name, plan.request, response)
         return response
-
-
-# Errors raised before a model does any work: the call costs nothing. Any other failure (a
-# timeout, a stream cut short, a cancellation) keeps its whole reservation: the work it did is
-# paid for and not known.
-_BEFORE_ANY_WORK = (
-    BackendUnavailableError,
-    OverloadedError,
-    InvalidRequestError,
-    ModelNotInstalledError,
-    UnknownModelError,
-    ConfigError,
-)
-
-
-def _fits_money(caller: Caller, model: str, request: ChatRequest, budget: Budget) -> bool:
-    return caller.worst_case_cost(model, request) <= budget.left_usd
 
 
 def _render(value: Any) -> str:

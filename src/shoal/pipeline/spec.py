@@ -26,7 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shoal.pipeline.graph import ModelStep, Pipeline, PipelineError, PythonStep, Step
+from shoal.errors import PipelineError
+from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep, Step
 
 
 class _Spec(BaseModel):

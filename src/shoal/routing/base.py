@@ -28,11 +28,13 @@ from shoal.messages import (
     ChatRequest,
     ChatResponse,
     Completed,
+    Escalated,
     RouteDecision,
     StreamEvent,
     TextDelta,
+    Usage,
 )
-from shoal.models.base import Model
+from shoal.models.base import Model, collect
 from shoal.traces.store import CallRecord
 
 log = logging.getLogger(__name__)
@@ -60,31 +62,19 @@ TYPICAL_INPUT_TOKENS = 200
 TYPICAL_OUTPUT_TOKENS = 50
 
 
-def request_tokens(request: ChatRequest) -> tuple[int, int]:
-    """(input, output) tokens a request is likely to use: ~4 characters a token, max_tokens cap."""
-    chars = sum(len(m.content) for m in request.messages)
-    return max(1, chars // 4), min(request.max_tokens, TYPICAL_OUTPUT_TOKENS)
-
-
 def card_stats(
     card: ModelCard,
     input_tokens: int = TYPICAL_INPUT_TOKENS,
     output_tokens: int = TYPICAL_OUTPUT_TOKENS,
 ) -> ModelStats:
-    """Per-call cost and latency expected from a card's price and measured speed."""
-    from shoal.messages import Usage
-
-    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
-    latency = None
-    if card.measured is not None:
-        latency = input_tokens / max(card.measured.prompt_tok_s, 1e-9) + output_tokens / max(
-            card.measured.gen_tok_s, 1e-9
-        )
-    cost: float | None = card.cost(usage, latency or 0.0)
+    """Per-call cost and latency expected from a card's price and measured speed (a local
+    model's cost is its compute time: unknown until measured)."""
+    latency = card.seconds_for(input_tokens, output_tokens) if card.measured else None
     if isinstance(card.price, HostPrice) and latency is None:
-        cost = None  # a local model's cost is its compute time, unknown until measured
+        return ModelStats()
+    usage = Usage(input_tokens=input_tokens, output_tokens=output_tokens)
     return ModelStats(
-        cost_usd=cost,
+        cost_usd=card.cost(usage, latency or 0.0),
         latency_p50_s=latency,
         latency_p95_s=None if latency is None else latency * 1.5,
     )
@@ -116,6 +106,9 @@ class Router(ABC):
     """Chooses, per request, which model(s) answer. One required method: `choose`."""
 
     name: str = "route"
+    # True when `choose` does work worth keeping off the event loop (a predictive router embeds
+    # the query); the engine then decides in a worker thread.
+    blocking: bool = False
 
     @abstractmethod
     def choose(
@@ -185,6 +178,7 @@ class RoutedModel(Model):
         self.stats.update(stats)
 
     def decide(self, request: ChatRequest) -> RouteDecision:
+        """The route's choice for `request`: made once per call (`Engine.plan`), then run."""
         started = time.perf_counter()
         decision = self.router.choose(request, self.candidates, self.stats)
         unknown = [m for m in decision.models if m not in self._models]
@@ -197,85 +191,70 @@ class RoutedModel(Model):
             log.warning("route %s: target not met: %s", self.name, decision.reason)
         return decision.model_copy(update={"decision_s": time.perf_counter() - started})
 
-    async def generate(self, request: ChatRequest) -> ChatResponse:
-        decision = self.decide(request)
-        request = self.router.prepare(request)
-        attempts: list[ChatResponse] = []
-        last_error: ShoalError | None = None
-        for i, model_id in enumerate(decision.models):
-            final = i == len(decision.models) - 1
-            # A cost cap covers the whole route: each stage gets what the earlier ones left.
-            spent = sum(a.total_cost_usd for a in attempts)
-            stage = request
-            if request.max_cost_usd is not None:
-                left = max(request.max_cost_usd - spent, 0.0)
-                stage = request.model_copy(update={"max_cost_usd": left})
-            try:
-                response = await self._models[model_id].generate(stage)
-            except ShoalError as exc:
-                if final or not exc.retryable:
-                    _keep_paid(exc, attempts)
-                    raise
-                log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
-                last_error = exc
-                continue
-            if final or self.router.accept(request, response, attempts)[0]:
-                return response.model_copy(
-                    update={"decision": decision, "attempts": tuple(attempts)}
-                )
-            attempts.append(response)
-        raise AssertionError(f"unreachable: {last_error}")
+    @property
+    def blocking(self) -> bool:
+        """Whether deciding does work worth keeping off the event loop (embedding a query)."""
+        return self.router.blocking
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """Earlier cascade stages are answered whole (they must be judged); the last streams."""
-        decision = self.decide(request)
+    def worst_case_cost(self, request: ChatRequest, decision: RouteDecision) -> float:
+        """The most a routed call can cost: every model of the decision (a cascade may call
+        them all), each at its own worst case."""
+        prepared = self.router.prepare(request)
+        return sum(self._models[m].card.worst_case_cost(prepared) for m in decision.models)
+
+    def expected_seconds(self, request: ChatRequest, decision: RouteDecision) -> float:
+        return max(self._models[m].card.expected_seconds(request) for m in decision.models)
+
+    async def generate(
+        self, request: ChatRequest, decision: RouteDecision | None = None
+    ) -> ChatResponse:
+        return await collect(self.stream(request, decision), self.name)
+
+    async def stream(
+        self, request: ChatRequest, decision: RouteDecision | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Run `decision` (made now when none is given).
+
+        Each model of the decision gets what the earlier ones left of the request's cost cap.
+        Earlier cascade stages are answered whole (they must be judged): a trusted answer ends
+        the call, an untrusted one is announced as `Escalated` and the next model is asked, and
+        a retryable failure moves on too. The last model streams.
+        """
+        if decision is None:
+            decision = self.decide(request)
         request = self.router.prepare(request)
         attempts: list[ChatResponse] = []
         for i, model_id in enumerate(decision.models):
             model = self._models[model_id]
             final = i == len(decision.models) - 1
-            if not final:
-                try:
-                    response = await model.generate(request)
-                except ShoalError as exc:
-                    if not exc.retryable:
-                        _keep_paid(exc, attempts)
-                        raise
-                    log.warning("route %s: %s failed (%s)", self.name, model_id, exc)
-                    continue
-                if self.router.accept(request, response, attempts)[0]:
-                    done = response.model_copy(
-                        update={"decision": decision, "attempts": tuple(attempts)}
-                    )
-                    if done.text:
-                        yield TextDelta(text=done.text, logprobs=done.logprobs or ())
-                    yield Completed(response=done)
-                    return
-                attempts.append(response)
-                continue
+            stage = request
+            if request.max_cost_usd is not None:
+                spent = sum(a.total_cost_usd for a in attempts)
+                stage = request.model_copy(
+                    update={"max_cost_usd": max(request.max_cost_usd - spent, 0.0)}
+                )
             try:
-                async for event in model.stream(request):
-                    if isinstance(event, Completed):
-                        yield Completed(
-                            response=event.response.model_copy(
-                                update={"decision": decision, "attempts": tuple(attempts)}
-                            )
-                        )
-                    else:
+                if final:
+                    async for event in model.stream(stage):
+                        if isinstance(event, Completed):
+                            event = Completed(response=_routed(event.response, decision, attempts))
                         yield event
+                    return
+                response = await model.generate(stage)
             except ShoalError as exc:
-                _keep_paid(exc, attempts)
-                raise
-
-    def worst_case_cost(self, request: ChatRequest) -> float:
-        """The most a routed call can cost: every model of the decision (a cascade may call
-        them all), each at its own worst case."""
-        decision = self.decide(request)
-        return sum(self._models[m].worst_case_cost(request) for m in decision.models)
-
-    def expected_latency(self, request: ChatRequest) -> float:
-        decision = self.decide(request)
-        return max(self._models[m].expected_latency(request) for m in decision.models)
+                if final or not exc.retryable:
+                    _keep_paid(exc, attempts, model_id)
+                    raise
+                log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
+                continue
+            if self.router.accept(request, response, attempts)[0]:
+                done = _routed(response, decision, attempts)
+                if done.text:
+                    yield TextDelta(text=done.text, logprobs=done.logprobs or ())
+                yield Completed(response=done)
+                return
+            attempts.append(response)
+            yield Escalated(response=response)
 
     async def load(self) -> None:
         for model in self._models.values():
@@ -285,9 +264,17 @@ class RoutedModel(Model):
         return None  # the models belong to the fleet, which closes them
 
 
-def _keep_paid(exc: ShoalError, attempts: list[ChatResponse]) -> None:
+def _routed(
+    response: ChatResponse, decision: RouteDecision, attempts: list[ChatResponse]
+) -> ChatResponse:
+    return response.model_copy(update={"decision": decision, "attempts": tuple(attempts)})
+
+
+def _keep_paid(exc: ShoalError, attempts: list[ChatResponse], model_id: str) -> None:
     """A route's call failed after earlier stages answered: they were paid for, so the error
-    carries them (with the wrong-form answer when there is one) for the trace and the budget."""
+    carries them (with the wrong-form answer when there is one) for the trace and the budget,
+    and names the model that failed."""
+    exc.model_id = exc.model_id or model_id
     if not attempts:
         return
     if isinstance(exc, OutputError) and exc.response is not None:

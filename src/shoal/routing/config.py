@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,10 @@ def default_outcomes(cache_dir: Path) -> Path:
 class CalibratedRouter(Router):
     """A predictive route whose calibrated state (and the embedder) load on first use."""
 
+    blocking = True  # choosing embeds the query (and the first choice loads the embedder)
+
     def __init__(self, spec: PredictiveRouteSpec, cache_dir: Path) -> None:
+        self._loading = threading.Lock()
         self.spec = spec
         self.cache_dir = cache_dir
         self.path = route_state_path(spec, cache_dir)
@@ -74,6 +78,10 @@ class CalibratedRouter(Router):
 
     @property
     def router(self) -> PredictiveRouter:
+        with self._loading:  # decisions run in worker threads: load once
+            return self._load()
+
+    def _load(self) -> PredictiveRouter:
         if self._router is None:
             if not self.path.is_file():
                 raise ConfigError(

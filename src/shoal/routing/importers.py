@@ -21,9 +21,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from shoal.errors import ConfigError
+from shoal.errors import ConfigError, OutcomeTableError
 from shoal.routing.datasets import shared_data_dir
-from shoal.routing.outcomes import OutcomeRow, OutcomeTable, OutcomeTableError
+from shoal.routing.outcomes import OutcomeRow, OutcomeTable
 
 csv.field_size_limit(1 << 30)
 

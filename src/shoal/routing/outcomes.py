@@ -28,7 +28,7 @@ from typing import IO, Any
 import numpy as np
 import numpy.typing as npt
 
-from shoal.errors import ConfigError
+from shoal.errors import OutcomeTableError
 
 FORMAT_VERSION = 1
 HEADER_LINE = f"# shoal-outcomes v{FORMAT_VERSION}"
@@ -36,10 +36,6 @@ REQUIRED = ("query_id", "prompt", "model", "score", "cost_usd", "latency_s")
 OPTIONAL = ("split", "group", "confidence", "input_tokens", "output_tokens", "answer")
 
 Matrix = npt.NDArray[np.float64]
-
-
-class OutcomeTableError(ConfigError):
-    """An outcome table is missing, empty, malformed or too degenerate to route on."""
 
 
 @dataclass(frozen=True)

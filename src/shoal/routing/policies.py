@@ -91,6 +91,7 @@ class LatencySLORouter(Router):
             raise ConfigError("a latency SLO needs a positive deadline")
         self.inner = inner
         self.deadline_s = deadline_s
+        self.blocking = inner.blocking
 
     def rename(self, name: str) -> None:
         self.name = name

@@ -33,7 +33,7 @@ from shoal.cards import ModelCard
 from shoal.errors import ConfigError, UnknownModelError
 from shoal.messages import ChatRequest, Estimate, RouteDecision
 from shoal.models.embedder import Embedder
-from shoal.routing.base import ModelStats, Router, RouteStats, card_stats, request_tokens
+from shoal.routing.base import ModelStats, Router, RouteStats
 
 Array = npt.NDArray[np.float64]
 PredictorKind = Literal["knn", "logistic", "mlp", "mf", "ensemble"]
@@ -346,6 +346,8 @@ class PredictiveRouter(Router):
     `target_met` is false when calibration found the route's target out of reach.
     """
 
+    blocking = True  # choosing embeds the query
+
     def __init__(
         self,
         models: Sequence[str],
@@ -402,8 +404,7 @@ class PredictiveRouter(Router):
             cards.append(card)
         quality = quality_all[0, cols]
         if self.cost_mode == "known":
-            tokens_in, tokens_out = request_tokens(request)
-            cost = np.array([card_stats(c, tokens_in, tokens_out).cost_usd or 0.0 for c in cards])
+            cost = np.array([c.expected_cost(request) for c in cards])
         else:
             assert cost_all is not None
             cost = cost_all[0, cols]

@@ -1,8 +1,6 @@
 """`create_app(engine, settings)`: the OpenAI-compatible server as a Starlette app.
 
-Everything the app holds hangs off `app.state.shoal` (`ServerState`): the engine that answers,
-the key store, the metrics, the pipelines it serves and their runs. Nothing lives at module
-level, so several apps (tests) coexist.
+Everything the app holds hangs off `app.state.shoal` (`ServerState`, in `state`).
 
     app = create_app(Engine(), ServerSettings(auth=False))  # serves the rental pipeline
     app = create_app(engine, settings, pipelines={"triage": triage})
@@ -14,7 +12,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -28,21 +25,12 @@ from shoal.server.errors import ErrorReply, error_reply, http_error_reply
 from shoal.server.keys import KeyStore
 from shoal.server.metrics import Metrics
 from shoal.server.routes import ROUTES
-from shoal.server.runs import KEEP_RUNS, MAX_RUNS, RUN_ROUTES, RunBook, default_pipelines
+from shoal.server.runbook import KEEP_RUNS, MAX_RUNS, RunBook, default_pipelines
+from shoal.server.runs import RUN_ROUTES
+from shoal.server.state import KEYS_FILE, ServerState
 from shoal.settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-KEYS_FILE = "keys.sqlite"
-
-
-@dataclass
-class ServerState:
-    engine: Engine
-    settings: ServerSettings
-    keys: KeyStore | None
-    metrics: Metrics
-    runs: RunBook
 
 
 def _reply(reply: ErrorReply, request: Request) -> Response:

@@ -1,19 +1,6 @@
-"""Errors at the HTTP edge: the server's own exceptions, and the one table that maps every
-exception class to an HTTP status and an OpenAI-style body `{"error": {message, type, code,
+"""Errors at the HTTP edge: the one table that maps every exception class of shoal's tree
+(`shoal.errors`) to an HTTP status and an OpenAI-style body `{"error": {message, type, code,
 param}}`.
-
-The server's exceptions join shoal's tree under `ShoalError`:
-
-    InvalidRequestError
-    ├── MalformedRequestError       the body is not JSON, or not a valid chat request   400
-    ├── UnsupportedParameterError   a field shoal does not honour (tools, n=2, ...)     400
-    └── PayloadTooLargeError        the body is over the configured limit               413
-    UnknownPipelineError            no pipeline of that name (the message lists them)   404
-    UnknownRunError                 no run of that id (or not this key's)               404
-    AuthenticationError             no API key, or an unknown one                       401
-    BudgetExceededError             the key's remaining budget is below the call's worst case  402
-    RateLimitedError (Overloaded)   the key's requests per minute, or its budget is held by
-                                    calls in flight (retry after `retry_after_s`)       429
 
 An exhausted budget is 402, not OpenAI's 429 `insufficient_quota`: a client (the official one
 included) retries a 429 on its own, and retrying cannot refill a budget. A budget that is only
@@ -23,68 +10,33 @@ held by calls still in flight is a 429 with `Retry-After`: it frees up when they
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from shoal.errors import (
+    AuthenticationError,
     BackendError,
     BackendTimeoutError,
+    BudgetExceededError,
     ConfigError,
     ContextWindowExceededError,
+    DeadlineReachedError,
     InvalidRequestError,
+    MalformedRequestError,
     ModelNotInstalledError,
     OutputInvalidError,
     OutputTruncatedError,
     OverloadedError,
+    PayloadTooLargeError,
+    RateLimitedError,
     ShoalError,
     UnknownModelError,
+    UnknownPipelineError,
     UnknownRouteError,
+    UnknownRunError,
+    UnsupportedParameterError,
     WeightsCorruptedError,
 )
-from shoal.server.openai_schema import ErrorBody, ErrorDetail
-
-
-class MalformedRequestError(InvalidRequestError):
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        self.param = param
-        super().__init__(message)
-
-
-class UnsupportedParameterError(InvalidRequestError):
-    def __init__(self, message: str, *, param: str | None = None) -> None:
-        self.param = param
-        super().__init__(message)
-
-
-class PayloadTooLargeError(InvalidRequestError):
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        super().__init__(f"the request body is over the limit of {limit} bytes")
-
-
-class UnknownPipelineError(ShoalError):
-    def __init__(self, name: str, known: Iterable[str]) -> None:
-        self.name = name
-        self.known = sorted(known)
-        choices = ", ".join(self.known) or "none served"
-        super().__init__(f"unknown pipeline {name!r}; valid pipelines: {choices}")
-
-
-class UnknownRunError(ShoalError):
-    def __init__(self, pipeline: str, run_id: str) -> None:
-        super().__init__(f"pipeline {pipeline!r} has no run {run_id!r}")
-
-
-class AuthenticationError(ShoalError):
-    pass
-
-
-class BudgetExceededError(ShoalError):
-    pass
-
-
-class RateLimitedError(OverloadedError):
-    pass
+from shoal.openai_wire import ErrorBody, ErrorDetail
 
 
 @dataclass(frozen=True)
@@ -108,6 +60,7 @@ RULES: tuple[Rule, ...] = (
     Rule(UnknownRunError, 404, "invalid_request_error", "run_not_found"),
     Rule(AuthenticationError, 401, "authentication_error", "invalid_api_key"),
     Rule(BudgetExceededError, 402, "insufficient_quota", "budget_exceeded"),
+    Rule(DeadlineReachedError, 504, "server_error", "deadline_reached"),
     Rule(RateLimitedError, 429, "rate_limit_error", "rate_limit_exceeded"),
     Rule(OverloadedError, 503, "overloaded_error", "overloaded"),
     # The client's max_tokens cut structured output short: ask again with more.
@@ -126,7 +79,6 @@ _INTERNAL = Rule(Exception, 500, "server_error", "internal_error")
 _PARAMS: dict[type[BaseException], str] = {
     UnknownModelError: "model",
     UnknownRouteError: "model",
-    ContextWindowExceededError: "messages",
     OutputTruncatedError: "max_tokens",
 }
 

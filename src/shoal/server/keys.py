@@ -3,20 +3,13 @@
 A key is shown once, when it is created; the store keeps only its sha256 (and its first few
 characters, to recognise it in a list), in its own SQLite file.
 
-Money is counted in integer picodollars (1e-12 USD), so sums are exact. Before a call starts,
-the server reserves the call's worst-case cost (`Model.worst_case_cost`: `max_tokens` at the
-output price plus a byte bound on the prompt at the input price for a token-priced model; for a
-host-priced local model, the compute time its card expects for that many tokens, times a margin
-for a busy machine). A call is admitted only when the key's settled spend plus every reservation
-in flight plus this one fits the budget, and all of that happens in one step on the event loop,
-so any number of concurrent calls on one key can never spend past its budget. When the call
-ends, its reservation is settled to what it actually cost (the same for a streamed and a
-non-streamed call: the adapters cost both by one rule), capped at what was reserved; a call that
-cost more than its reservation (a local model slower than its margin) is charged the
-reservation, and the difference is logged and counted in `shoal_key_uncharged_usd_total`.
-
-A call that does not complete is charged what it measurably consumed (`partial_cost`); one that
-fails before producing anything costs nothing.
+Each key's budget is a ledger `Account` (`shoal.ledger`: integer picodollars, so sums are exact).
+Before a call starts, the server holds the call's worst-case cost (its plan's `worst_usd`) on the
+key's account; a call is admitted only when the key's settled spend plus every hold in flight
+plus this one fits the budget, checked and taken in one step on the event loop, so any number of
+concurrent calls on one key can never reserve past its budget. The engine caps the call at what
+is held and settles the hold to what the call cost however it ends (answered, failed, cut
+short), the same figure its trace records; a call is never charged less than it cost.
 
 Settled charges reach the file in batches, `FLUSH_AFTER_S` after they settle (reads through
 the store write them first); a killed server loses at most that last moment of charges, never
@@ -30,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import secrets
 import sqlite3
 import threading
@@ -41,14 +33,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from shoal.cards import HostPrice, ModelCard
-from shoal.messages import ChatRequest
-from shoal.server.errors import AuthenticationError, BudgetExceededError, RateLimitedError
+from shoal.errors import AuthenticationError, RateLimitedError
+from shoal.ledger import Account, Hold, to_pico, to_usd
 from shoal.storage import open_sqlite
 
 log = logging.getLogger(__name__)
 
-PICO = 10**12
 KEY_PREFIX = "sk-shoal-"
 REFRESH_S = 5.0
 FLUSH_AFTER_S = 0.05
@@ -69,28 +59,8 @@ CREATE TABLE IF NOT EXISTS keys (
 """
 
 
-def to_pico(usd: float) -> int:
-    """USD to picodollars, rounded up (a cost is never undercounted)."""
-    return math.ceil(usd * PICO)
-
-
-def to_usd(pusd: int) -> float:
-    return pusd / PICO
-
-
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
-
-
-def partial_cost(card: ModelCard, request: ChatRequest, *, delivered: int, seconds: float) -> float:
-    """What a call that did not complete consumed: for a host-priced model, the seconds it ran;
-    for a token-priced one, the prompt (at about 4 characters a token) and the `delivered` text
-    events (one token each, as OpenAI-compatible servers stream)."""
-    if isinstance(card.price, HostPrice):
-        return card.price.per_hour * seconds / 3600.0
-    prompt = -(-sum(len(m.content) for m in request.messages) // 4)
-    price = card.price
-    return (prompt * price.input_per_mtok + delivered * price.output_per_mtok) / 1e6
 
 
 class KeyRecord(BaseModel):
@@ -111,34 +81,17 @@ class KeyRecord(BaseModel):
 
 @dataclass
 class KeyState:
-    """A key's live state in the server: its settled spend, what calls in flight hold, and its
-    rate-limit bucket."""
+    """A key's live state in the server: its ledger account (budget, settled spend, holds of
+    calls in flight) and its rate-limit bucket."""
 
     id: str
     name: str
-    budget_pusd: int | None
-    spent_pusd: int
+    account: Account
     rpm: int | None
     revoked: bool
     loaded_at: float
-    reserved_pusd: int = 0
     tokens: float = 0.0
     tokens_at: float = field(default_factory=time.monotonic)
-
-    @property
-    def remaining_pusd(self) -> int | None:
-        if self.budget_pusd is None:
-            return None
-        return self.budget_pusd - self.spent_pusd - self.reserved_pusd
-
-
-@dataclass
-class Reservation:
-    """Money held for one call; settle it exactly once (later calls do nothing)."""
-
-    key: KeyState | None
-    amount_pusd: int
-    settled_pusd: int | None = None
 
 
 class KeyStore:
@@ -147,7 +100,6 @@ class KeyStore:
         self._lock = threading.Lock()
         self._db = open_sqlite(path, _SCHEMA)
         self._live: dict[str, KeyState] = {}
-        self.uncharged_pusd = 0
         # Settled charges are written in one transaction FLUSH_AFTER_S after the first of them,
         # never on a request's path (a commit is 30-150 µs, and now and then a checkpoint much
         # more). Reads write them first.
@@ -285,11 +237,12 @@ class KeyStore:
             return None
         key_id, name, budget, spent, rpm, revoked = row
         if known is None:
+            account = Account(f"key {name!r}", budget, spent)
+            account.on_charge = lambda pusd: self._charge(key_id, pusd)
             known = KeyState(
                 id=key_id,
                 name=name,
-                budget_pusd=budget,
-                spent_pusd=spent,
+                account=account,
                 rpm=rpm,
                 revoked=bool(revoked),
                 loaded_at=now,
@@ -297,8 +250,8 @@ class KeyStore:
             )
             self._live[digest] = known
         else:
-            known.budget_pusd, known.spent_pusd, known.rpm = budget, spent, rpm
-            known.revoked, known.loaded_at = bool(revoked), now
+            known.account.limit_pusd, known.account.spent_pusd = budget, spent
+            known.rpm, known.revoked, known.loaded_at = rpm, bool(revoked), now
         return known
 
     def admit(self, key: KeyState) -> None:
@@ -317,49 +270,15 @@ class KeyStore:
             )
         key.tokens -= 1.0
 
-    def reserve(self, key: KeyState | None, worst_usd: float) -> Reservation:
-        """Hold `worst_usd` of the key's budget for one call, or refuse the call."""
-        amount = to_pico(worst_usd)
-        if key is None:
-            return Reservation(None, amount)
-        if key.budget_pusd is not None:
-            free = key.budget_pusd - key.spent_pusd
-            if amount > free:
-                raise BudgetExceededError(
-                    f"key {key.name!r} has ${to_usd(max(free, 0)):.6f} of its budget left; "
-                    f"this call may cost up to ${worst_usd:.6f} (lower max_tokens to ask less)"
-                )
-            if amount > free - key.reserved_pusd:
-                raise RateLimitedError(
-                    f"key {key.name!r}: the rest of its budget is held by calls in flight",
-                    retry_after_s=1.0,
-                )
-        key.reserved_pusd += amount
-        return Reservation(key, amount)
+    def reserve(self, key: KeyState, worst_usd: float) -> Hold:
+        """Hold `worst_usd` of the key's budget for one call (or one pipeline run), or refuse
+        it: 402 when the budget cannot cover it, 429 while calls in flight hold the rest."""
+        return key.account.reserve(worst_usd)
 
-    def settle(self, reservation: Reservation, actual_usd: float) -> int:
-        """Charge a call what it cost (at most what was reserved); returns picodollars charged."""
-        if reservation.settled_pusd is not None:
-            return reservation.settled_pusd
-        cost = to_pico(actual_usd)
-        charged = min(cost, reservation.amount_pusd)
-        reservation.settled_pusd = charged
-        key = reservation.key
-        if key is None:
-            return charged
-        key.reserved_pusd -= reservation.amount_pusd
-        key.spent_pusd += charged
-        if cost > charged:
-            self.uncharged_pusd += cost - charged
-            log.warning(
-                "key %s: a call cost $%.9f, more than its reservation of $%.9f; charged the "
-                "reservation",
-                key.name,
-                to_usd(cost),
-                to_usd(reservation.amount_pusd),
-            )
-        self._charge(key.id, charged)
-        return charged
+    @property
+    def overrun_pusd(self) -> int:
+        """What calls cost past their holds, over every key seen (charged all the same)."""
+        return sum(state.account.overrun_pusd for state in self._live.values())
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:

@@ -8,7 +8,7 @@ update; rendering walks them once per scrape).
     shoal_route_decisions_total{route,model,target_met} what each route chose
     shoal_requests_in_flight                            completions being answered now
     shoal_http_errors_total{status,code}                every error answer, before or after a call
-    shoal_key_uncharged_usd_total                       cost above reservations, not charged
+    shoal_key_overrun_usd_total                         cost past what calls held (charged)
 
 `name` is what the client asked for (a model id or a route name), `route` the route ("" for a
 direct model call), `model` the model that answered ("" when none did).
@@ -52,7 +52,7 @@ class Metrics:
         self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.errors: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.in_flight = 0
-        self.uncharged_usd = 0.0
+        self.overrun_usd = 0.0
 
     def request(
         self,
@@ -123,6 +123,6 @@ class Metrics:
         samples("shoal_http_errors_total", ("status", "code"), self.errors.items())
         family("shoal_requests_in_flight", "gauge", "Completions being answered now.")
         lines.append(f"shoal_requests_in_flight {self.in_flight}")
-        family("shoal_key_uncharged_usd_total", "counter", "Cost above reservations, not charged.")
-        lines.append(f"shoal_key_uncharged_usd_total {self.uncharged_usd!r}")
+        family("shoal_key_overrun_usd_total", "counter", "Cost past what calls held, charged.")
+        lines.append(f"shoal_key_overrun_usd_total {self.overrun_usd!r}")
         return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The server's OpenAPI 3.1 description, generated from the wire models in `openai_schema`.
+"""The server's OpenAPI 3.1 description, generated from the wire models in `shoal.openai_wire`.
 
 Served at `/openapi.json`; the names the server answers to are listed as examples of `model`,
 the pipelines it runs as examples of a run's `name`.
@@ -14,13 +14,8 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from shoal.server.openai_schema import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    ErrorBody,
-    ModelList,
-)
-from shoal.server.runs import RunEventData, RunInfo, RunRequest
+from shoal.openai_wire import ChatCompletion, ChatCompletionRequest, ErrorBody, ModelList
+from shoal.server.runbook import RunEventData, RunInfo, RunRequest
 
 _REF = "#/components/schemas/{model}"
 _ERRORS = {

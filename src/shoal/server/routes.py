@@ -1,10 +1,12 @@
 """The endpoints: `/v1/chat/completions`, `/v1/models`, `/healthz`, `/metrics`, `/openapi.json`
 (pipeline runs are in `runs`).
 
-A completion goes: API key → body (size-limited) → OpenAI request → `ChatRequest` → model or
-route by name (404 lists the valid names) → rate limit → budget reservation of its worst-case
-cost → `Engine.generate` or `Engine.stream` (which trace every model call) → settlement to the
-actual cost → response. Every completion says what happened in its headers:
+A completion goes: API key → body (size-limited) → OpenAI request → `ChatRequest` → the
+engine's plan for the model or route name (404 lists the valid names; a route decides here,
+once) → rate limit → a hold of the plan's worst-case cost on the key's ledger account →
+`Engine.stream` of that plan (collected for a plain call), which caps the call at the hold,
+settles the hold to what the call cost and traces the same figures → response. Every
+completion says what happened in its headers:
 
     x-shoal-model       the model that answered
     x-shoal-route       JSON: the route's decision ({"route", "models", "reason", "target_met",
@@ -23,34 +25,25 @@ engine's stream is closed, which stops a local model between two tokens.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any, cast
 
 import jsonschema
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
-from shoal.errors import BackendError, ShoalError
+from shoal.calls import CallPlan
+from shoal.errors import BackendError, MalformedRequestError, ShoalError
+from shoal.ledger import Account, Hold, to_usd
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent, TextDelta
-from shoal.models.base import worst_case_cost as card_worst_case
-from shoal.server import sse
-from shoal.server.errors import (
-    MalformedRequestError,
-    PayloadTooLargeError,
-    UnsupportedParameterError,
-    error_reply,
-)
-from shoal.server.keys import PICO, Reservation, partial_cost
-from shoal.server.openai_schema import (
+from shoal.openai_wire import (
     ChatCompletionRequest,
     ChunkWriter,
     ModelInfo,
@@ -59,40 +52,23 @@ from shoal.server.openai_schema import (
     completion_of,
     to_chat_request,
 )
-
-if TYPE_CHECKING:
-    from shoal.models.base import Model
-    from shoal.server.app import ServerState
+from shoal.server import sse
+from shoal.server.errors import error_reply
+from shoal.server.http import (
+    JSON_TYPE,
+    ClientGone,
+    EventStreamResponse,
+    read_body,
+    request_error,
+    unless_gone,
+)
+from shoal.server.openapi import openapi_spec
+from shoal.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-JSON_TYPE = "application/json"
-
-
-class ClientGone(Exception):
-    """The client disconnected before its answer was ready."""
-
 
 # -- reading the request -------------------------------------------------------------------------
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise PayloadTooLargeError(limit)
-        except ValueError:
-            raise MalformedRequestError("the Content-Length header is not a number") from None
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_request(body: bytes) -> tuple[ChatCompletionRequest, ChatRequest]:
@@ -103,7 +79,7 @@ def parse_request(body: bytes) -> tuple[ChatCompletionRequest, ChatRequest]:
         wire = ChatCompletionRequest.model_validate_json(body)
         chat = to_chat_request(wire)
     except ValidationError as exc:
-        raise _request_error(exc) from None
+        raise request_error(exc, what="chat request") from None
     if chat.json_schema is not None:
         _check_schema(chat.json_schema)
     return wire, chat
@@ -136,57 +112,6 @@ def _values(node: Any, key: str) -> Iterator[Any]:
             yield from _values(v, key)
 
 
-def _request_error(exc: ValidationError) -> ShoalError:
-    errors = exc.errors(include_url=False, include_input=False)
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        return MalformedRequestError(f"the body is not valid JSON: {first['msg']}")
-    unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
-    if unknown:
-        return UnsupportedParameterError(
-            f"unsupported parameter(s): {', '.join(unknown)} (shoal does not honour them)",
-            param=unknown[0],
-        )
-    for e in errors:
-        if e["type"] == "unsupported_parameter":
-            ctx = e.get("ctx") or {}
-            return UnsupportedParameterError(
-                f"unsupported parameter: {e['msg']}", param=str(ctx.get("param", "")) or None
-            )
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
-    )
-    param = ".".join(str(p) for p in first["loc"]) or None
-    return MalformedRequestError(f"invalid chat request: {problems}", param=param)
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_gone(receive: Receive, work: Awaitable[T]) -> T:
-    """`await work`, cancelled (raising `ClientGone`) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        await _disconnected(receive)
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        return await task
-    except asyncio.CancelledError:
-        if gone:
-            raise ClientGone from None
-        raise
-    finally:
-        watcher.cancel()
-
-
 # -- headers -------------------------------------------------------------------------------------
 
 
@@ -211,68 +136,50 @@ def route_header(route: str | None, response: ChatResponse | None) -> str:
 
 
 class Call:
-    """One completion request in flight: what was asked, what is held, how it ends."""
+    """One completion request in flight: its plan, the money held for it, how it ends.
 
-    def __init__(self, state: ServerState, name: str, model: Model, request: ChatRequest) -> None:
+    `begin` and `end` bracket it once each (`end` is idempotent), so the in-flight gauge and the
+    request metrics are kept in one place whichever way the call ends."""
+
+    def __init__(self, state: ServerState, plan: CallPlan, hold: Hold) -> None:
         self.state = state
-        self.name = name
-        self.model = model
-        self.request = request
-        self.route = name if name in state.engine.route_names else None
+        self.plan = plan
+        self.hold = hold
         self.started = time.perf_counter()
-        self.reservation: Reservation | None = None
+        self.ended = False
 
-    def settle(self, cost_usd: float) -> None:
-        if self.reservation is not None and self.state.keys is not None:
-            self.state.keys.settle(self.reservation, cost_usd)
+    def begin(self) -> None:
+        self.state.metrics.in_flight += 1
 
-    def partial(self, delivered: int) -> float:
-        seconds = time.perf_counter() - self.started
-        return partial_cost(self.model.card, self.request, delivered=delivered, seconds=seconds)
-
-    def answered(self, response: ChatResponse) -> None:
-        self.settle(response.total_cost_usd)
+    def end(self, status: str, response: ChatResponse | None = None) -> None:
+        if self.ended:
+            return
+        self.ended = True
         metrics = self.state.metrics
+        metrics.in_flight -= 1
         metrics.request(
-            name=self.name,
-            route=self.route,
-            model=response.model,
-            status="ok",
-            latency_s=time.perf_counter() - self.started,
-            input_tokens=response.usage.input_tokens,
-            output_tokens=response.usage.output_tokens,
-            cost_usd=response.total_cost_usd,
-        )
-        if response.decision is not None:
-            metrics.decision(
-                route=self.name, model=response.model, target_met=response.decision.target_met
-            )
-        if self.state.settings.log_prompts:
-            log.info("%s answered %r to %r", response.model, response.text, self.request.messages)
-
-    def failed(self, status: str, cost_usd: float = 0.0) -> None:
-        self.settle(cost_usd)
-        self.state.metrics.request(
-            name=self.name,
-            route=self.route,
-            model=None,
+            name=self.plan.name,
+            route=self.plan.route,
+            model=response.model if response is not None else None,
             status=status,
             latency_s=time.perf_counter() - self.started,
+            input_tokens=response.usage.input_tokens if response is not None else 0,
+            output_tokens=response.usage.output_tokens if response is not None else 0,
+            cost_usd=to_usd(self.hold.charged_pusd or 0),
         )
+        if response is None:
+            return
+        if response.decision is not None:
+            metrics.decision(
+                route=self.plan.name, model=response.model, target_met=response.decision.target_met
+            )
+        if self.state.settings.log_prompts:
+            log.info(
+                "%s answered %r to %r", response.model, response.text, self.plan.request.messages
+            )
 
-
-def worst_case_cost(state: ServerState, call: Call, model: Model) -> float:
-    """The most a call may cost, reserved before it starts.
-
-    A route's own card prices nothing (each answer is costed by the model that gave it): a route
-    that gives no bound of its own is bounded by every model of the fleet answering once, what
-    the widest cascade over them can do.
-    """
-    bound = model.worst_case_cost(call.request)
-    if bound == 0.0 and call.route is not None:
-        fleet = state.engine.fleet
-        bound = sum(card_worst_case(fleet.card(m), call.request) for m in fleet.ids)
-    return bound
+    def failed(self, exc: BaseException) -> None:
+        self.end(error_reply(exc).body.error.code or "error")
 
 
 async def chat_completions(request: Request) -> Response:
@@ -280,40 +187,40 @@ async def chat_completions(request: Request) -> Response:
     key = state.keys.authenticate(request.headers.get("authorization")) if state.keys else None
     body = await read_body(request, state.settings.max_body_bytes)
     wire, chat = parse_request(body)
-    model = state.engine.model(wire.model)
-    call = Call(state, wire.model, model, chat)
-    if state.keys is not None:
-        state.keys.admit(key)  # type: ignore[arg-type]
-        call.reservation = state.keys.reserve(key, worst_case_cost(state, call, model))
+    plan = await state.engine.plan(wire.model, chat)
+    if key is not None and state.keys is not None:
+        state.keys.admit(key)
+        hold = state.keys.reserve(key, plan.worst_usd)
+    else:  # no keys: the call is still capped at its worst case and its charge measured
+        hold = Account("unmetered").reserve(plan.worst_usd)
+    call = Call(state, plan, hold)
     if wire.stream:
         return await _stream(request, call, wire)
-    state.metrics.in_flight += 1
+    call.begin()
     try:
-        response = await _unless_gone(request.receive, state.engine.generate(call.name, chat))
+        response = await unless_gone(request.receive, state.engine.execute(plan, hold=hold))
     except ClientGone:
-        call.failed("cancelled", call.partial(delivered=0))
+        call.end("cancelled")
         return Response(status_code=499)
     except ShoalError as exc:
-        call.failed(error_reply(exc).body.error.code or "error")
+        call.failed(exc)
         raise
     except BaseException:
-        call.failed("cancelled", call.partial(delivered=0))
+        call.end("cancelled")
         raise
-    finally:
-        state.metrics.in_flight -= 1
-    call.answered(response)
+    call.end("ok", response)
     completion = completion_of(
         response,
         completion_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        route=call.route,
+        route=plan.route,
     )
     return Response(
         completion.model_dump_json(),
         media_type=JSON_TYPE,
         headers={
             "x-shoal-model": response.model,
-            "x-shoal-route": route_header(call.route, response),
+            "x-shoal-route": route_header(plan.route, response),
             "x-shoal-cost-usd": repr(response.total_cost_usd),
             "x-shoal-latency-ms": f"{response.latency_s * 1000:.3f}",
         },
@@ -323,39 +230,36 @@ async def chat_completions(request: Request) -> Response:
 async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> Response:
     """Start the stream and wait for its first event, so that a call that fails before its
     first token (overload, context window, unknown schema) gets its HTTP status."""
-    state = call.state
-    events = cast("AsyncGenerator[StreamEvent, None]", state.engine.stream(call.name, call.request))
-    state.metrics.in_flight += 1
+    state, plan = call.state, call.plan
+    events = cast("AsyncGenerator[StreamEvent, None]", state.engine.stream(plan, hold=call.hold))
+    call.begin()
     try:
-        first = await _unless_gone(request.receive, anext(events))
+        first = await unless_gone(request.receive, anext(events))
     except ClientGone:
         await events.aclose()
-        state.metrics.in_flight -= 1
-        call.failed("cancelled", call.partial(delivered=0))
+        call.end("cancelled")
         return Response(status_code=499)
     except StopAsyncIteration:
-        state.metrics.in_flight -= 1
-        call.failed("upstream_error")
-        raise BackendError(f"{call.name}: the stream ended before it started") from None
+        call.end("upstream_error")
+        raise BackendError(f"{plan.name}: the stream ended before it started") from None
     except ShoalError as exc:
-        state.metrics.in_flight -= 1
-        call.failed(error_reply(exc).body.error.code or "error")
+        call.failed(exc)
         raise
     except BaseException:
-        state.metrics.in_flight -= 1
-        call.failed("cancelled", call.partial(delivered=0))
+        await events.aclose()
+        call.end("cancelled")
         raise
     writer = ChunkWriter(
         completion_id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=call.name,
-        route=call.route,
+        model=plan.name,
+        route=plan.route,
         include_usage=wire.include_usage,
-        logprobs=call.request.logprobs,
+        logprobs=plan.request.logprobs,
     )
-    headers = {"x-shoal-route": route_header(call.route, None)}
-    if call.route is None:
-        headers["x-shoal-model"] = call.name
+    headers = {"x-shoal-route": route_header(plan.route, None)}
+    if plan.route is None:
+        headers["x-shoal-model"] = plan.name
     return EventStreamResponse(_events(call, events, first, writer), headers=headers)
 
 
@@ -365,72 +269,32 @@ async def _events(
     first: StreamEvent,
     writer: ChunkWriter,
 ) -> AsyncGenerator[bytes, None]:
-    """The stream's bytes; settles the call however it ends (answered, failed, abandoned)."""
-    delivered = 0
-    ended = False
+    """The stream's bytes; the call ends however the stream does (answered, failed, left)."""
     try:
         async with contextlib.aclosing(events):
             event = first
             while True:
-                if isinstance(event, TextDelta):
-                    delivered += 1
-                for chunk in writer.chunks(event):
-                    yield sse.encode(sse.Data(chunk))
+                if isinstance(event, TextDelta | Completed):
+                    for chunk in writer.chunks(event):
+                        yield sse.encode(sse.Data(chunk))
                 if isinstance(event, Completed):
-                    ended = True
-                    call.answered(event.response)
+                    call.end("ok", event.response)
                     break
                 try:
                     event = await anext(events)
                 except StopAsyncIteration:
                     raise BackendError(
-                        f"{call.name}: the stream ended without its answer"
+                        f"{call.plan.name}: the stream ended without its answer"
                     ) from None
         yield sse.DONE_BYTES
     except Exception as exc:  # after the first byte, an error can only be an event
-        ended = True
         if not isinstance(exc, ShoalError):
-            log.error("unexpected %s in the stream of %s", type(exc).__name__, call.name)
-        reply = error_reply(exc)
-        call.failed(reply.body.error.code or "error", call.partial(delivered) if delivered else 0.0)
-        yield sse.encode(sse.Failure(reply.body))
+            log.error("unexpected %s in the stream of %s", type(exc).__name__, call.plan.name)
+        call.failed(exc)
+        yield sse.encode(sse.Failure(error_reply(exc).body))
         yield sse.DONE_BYTES
     finally:
-        call.state.metrics.in_flight -= 1
-        if not ended:  # the client left, or the server is shutting down
-            call.failed("cancelled", call.partial(delivered))
-
-
-class EventStreamResponse(Response):
-    """An SSE response that closes its event source however the response ends, and stops as
-    soon as the client disconnects (not only at its next write)."""
-
-    media_type = "text/event-stream"
-
-    def __init__(self, body: AsyncGenerator[bytes, None], *, headers: dict[str, str]) -> None:
-        self.body_iterator = body
-        self.status_code = 200
-        self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        pump = asyncio.ensure_future(self._pump(send))
-        watcher = asyncio.ensure_future(_disconnected(receive))
-        try:
-            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-            if not pump.done():
-                pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await pump
-
-    async def _pump(self, send: Send) -> None:
-        async with contextlib.aclosing(self.body_iterator) as body:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for chunk in body:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        call.end("cancelled")  # the client left, or the server is shutting down
 
 
 # -- the other endpoints -------------------------------------------------------------------------
@@ -464,14 +328,12 @@ async def healthz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     if state.keys is not None:
-        state.metrics.uncharged_usd = state.keys.uncharged_pusd / PICO
+        state.metrics.overrun_usd = to_usd(state.keys.overrun_pusd)
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
 async def openapi(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
-    from shoal.server.openapi import openapi_spec
-
     spec = openapi_spec(
         names=state.engine.names, auth=state.keys is not None, pipelines=list(state.runs.pipelines)
     )

@@ -25,187 +25,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import AsyncGenerator
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shoal.errors import ConfigError, ShoalError
+from shoal.errors import MalformedRequestError
+from shoal.ledger import to_pico, to_usd
 from shoal.pipeline.graph import Pipeline
-from shoal.pipeline.run import RunEvent, Runner, RunResult
+from shoal.pipeline.run import Runner, RunResult
 from shoal.server import sse
-from shoal.server.errors import (
-    MalformedRequestError,
-    RateLimitedError,
-    UnknownPipelineError,
-    UnknownRunError,
-    UnsupportedParameterError,
-)
-from shoal.server.keys import KeyState, Reservation
-from shoal.server.routes import JSON_TYPE, EventStreamResponse, read_body
-
-if TYPE_CHECKING:
-    from shoal.engine import Engine
-    from shoal.server.app import ServerState
+from shoal.server.http import JSON_TYPE, EventStreamResponse, read_body, request_error
+from shoal.server.keys import KeyState
+from shoal.server.runbook import Run, RunInfo, RunRequest
+from shoal.server.state import ServerState
 
 log = logging.getLogger(__name__)
-
-MAX_RUNS = 16
-KEEP_RUNS = 256
-MAX_EVENTS = 10_000
-
-
-# -- the wire ------------------------------------------------------------------------------------
-
-
-class RunRequest(BaseModel):
-    """The body of `POST /v1/pipelines/{name}/runs`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: dict[str, Any]
-    budget_usd: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)
-    deadline_s: float | None = Field(default=None, gt=0.0, allow_inf_nan=False)
-
-
-RunStatus = Literal["running", "ok", "partial", "failed"]
-
-
-class RunInfo(BaseModel):
-    """A run as the server reports it; `result` once it has finished."""
-
-    id: str
-    pipeline: str
-    status: RunStatus
-    result: RunResult | None = None
-
-
-class RunEventData(BaseModel):
-    """One event of a run's stream; `run_done` carries the result."""
-
-    kind: Literal["step_started", "item_done", "step_done", "run_done"]
-    step: str | None = None
-    items: int = 0
-    detail: dict[str, Any] = {}
-    result: RunResult | None = None
-
-
-# -- the runs an app holds -----------------------------------------------------------------------
-
-
-class Run:
-    """One run: its events as they happen and, at the end, its result."""
-
-    def __init__(self, run_id: str, pipeline: str, key_id: str | None) -> None:
-        self.id = run_id
-        self.pipeline = pipeline
-        self.key_id = key_id
-        self.reservation: Reservation | None = None
-        self.events: list[RunEventData] = []
-        self.result: RunResult | None = None
-        self.task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-
-    def info(self) -> RunInfo:
-        status: RunStatus = "running" if self.result is None else self.result.status
-        return RunInfo(id=self.id, pipeline=self.pipeline, status=status, result=self.result)
-
-    def add(self, event: RunEventData) -> None:
-        if event.kind == "item_done" and len(self.events) >= MAX_EVENTS:
-            return
-        self.events.append(event)
-        self._wake.set()
-        self._wake = asyncio.Event()
-
-    def on_event(self, event: RunEvent) -> None:
-        """The runner's events; its `run_done` is replaced by one that carries the result."""
-        if event.kind != "run_done":
-            self.add(
-                RunEventData(
-                    kind=event.kind, step=event.step, items=event.items, detail=event.detail
-                )
-            )
-
-    async def follow(self) -> AsyncGenerator[RunEventData, None]:
-        """Every event so far, then each new one, up to and including `run_done`."""
-        seen = 0
-        while True:
-            wake = self._wake
-            while seen < len(self.events):
-                event = self.events[seen]
-                seen += 1
-                yield event
-                if event.kind == "run_done":
-                    return
-            await wake.wait()
-
-
-class RunBook:
-    """The pipelines an app serves and its runs: bounded in flight, bounded once finished."""
-
-    def __init__(self, pipelines: Mapping[str, Pipeline], *, max_runs: int, keep_runs: int) -> None:
-        self.pipelines = dict(pipelines)
-        self.max_runs = max_runs
-        self.keep_runs = keep_runs
-        self.runs: dict[str, Run] = {}
-        self.running = 0
-        self._finished: deque[str] = deque()
-
-    def pipeline(self, name: str) -> Pipeline:
-        if name not in self.pipelines:
-            raise UnknownPipelineError(name, self.pipelines)
-        return self.pipelines[name]
-
-    def find(self, pipeline: str, run_id: str, key: KeyState | None) -> Run:
-        self.pipeline(pipeline)
-        run = self.runs.get(run_id)
-        if run is None or run.pipeline != pipeline or run.key_id != (key.id if key else None):
-            raise UnknownRunError(pipeline, run_id)
-        return run
-
-    def check_room(self) -> None:
-        if self.running >= self.max_runs:
-            raise RateLimitedError(
-                f"the server runs at most {self.max_runs} pipelines at once; retry shortly",
-                retry_after_s=1.0,
-            )
-
-    def started(self, run: Run) -> None:
-        self.runs[run.id] = run
-        self.running += 1
-
-    def finished(self, run: Run, result: RunResult) -> None:
-        run.result = result
-        run.add(RunEventData(kind="run_done", detail={"status": result.status}, result=result))
-        self.running -= 1
-        self._finished.append(run.id)
-        while len(self._finished) > self.keep_runs:
-            self.runs.pop(self._finished.popleft(), None)
-
-    async def aclose(self) -> None:
-        """Cancel the runs in flight (each settles and records how it ended)."""
-        tasks = [run.task for run in self.runs.values() if run.task and not run.task.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def default_pipelines(engine: Engine) -> dict[str, Pipeline]:
-    """The rental pipeline, its routes registered on `engine`; none when the fleet lacks the
-    models those routes need (said in the log, and a request for it is a 404 listing none)."""
-    from shoal_examples.rental import pipeline as rental
-
-    try:
-        rental.register_routes(engine)
-    except ConfigError as exc:
-        log.warning("not serving the rental pipeline: %s", exc)
-        return {}
-    pipeline: Pipeline = rental.build()
-    return {pipeline.name: pipeline}
 
 
 # -- running one ---------------------------------------------------------------------------------
@@ -232,8 +69,8 @@ async def _execute(state: ServerState, run: Run, pipeline: Pipeline, wire: RunRe
     finally:
         if result is None:
             result = _ended_early(state, run, wire, stop)
-        if run.reservation is not None and state.keys is not None:
-            state.keys.settle(run.reservation, result.cost_usd)
+        if run.hold is not None:  # the key pays what the run's calls were charged
+            run.hold.settle(to_pico(result.cost_usd))
         state.runs.finished(run, result)
 
 
@@ -242,7 +79,7 @@ def _ended_early(state: ServerState, run: Run, wire: RunRequest, stop: str) -> R
     traces = state.engine.traces
     cost = 0.0
     try:
-        cost = sum(call.cost_usd for call in traces.calls(run.id))
+        cost = to_usd(sum(to_pico(call.cost_usd) for call in traces.calls(run.id)))
         traces.finish_run(run.id, "failed", {"stop_reason": stop})
     except Exception as exc:  # the store may be closing with the server
         log.error("could not record how run %s ended: %s", run.id, exc)
@@ -263,7 +100,9 @@ def parse_run_request(body: bytes, pipeline: Pipeline, *, auth: bool) -> RunRequ
     try:
         wire = RunRequest.model_validate_json(body)
     except ValidationError as exc:
-        raise _request_error(exc) from None
+        raise request_error(
+            exc, what="run request", fields="inputs, budget_usd, deadline_s"
+        ) from None
     missing = [name for name in pipeline.inputs if name not in wire.inputs]
     extra = sorted(set(wire.inputs) - set(pipeline.inputs))
     if missing or extra:
@@ -279,23 +118,6 @@ def parse_run_request(body: bytes, pipeline: Pipeline, *, auth: bool) -> RunRequ
             "budget_usd is required: it is reserved against the key's budget", param="budget_usd"
         )
     return wire
-
-
-def _request_error(exc: ValidationError) -> ShoalError:
-    errors = exc.errors(include_url=False, include_input=False)
-    if errors[0]["type"] == "json_invalid":
-        return MalformedRequestError(f"the body is not valid JSON: {errors[0]['msg']}")
-    unknown = [".".join(str(p) for p in e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
-    if unknown:
-        return UnsupportedParameterError(
-            f"unknown field(s): {', '.join(unknown)} (a run takes inputs, budget_usd, deadline_s)",
-            param=unknown[0],
-        )
-    problems = "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:5]
-    )
-    param = ".".join(str(p) for p in errors[0]["loc"]) or None
-    return MalformedRequestError(f"invalid run request: {problems}", param=param)
 
 
 # -- the endpoints -------------------------------------------------------------------------------
@@ -319,20 +141,20 @@ async def start_run(request: Request) -> Response:
     body = await read_body(request, state.settings.max_body_bytes)
     wire = parse_run_request(body, pipeline, auth=state.keys is not None)
     state.runs.check_room()
-    reservation = None
+    hold = None
     if state.keys is not None and key is not None:
         state.keys.admit(key)
-        reservation = state.keys.reserve(key, wire.budget_usd or 0.0)
+        hold = state.keys.reserve(key, wire.budget_usd or 0.0)
     try:
         run_id = state.engine.traces.start_run(
             pipeline.name, budget_usd=wire.budget_usd, deadline_s=wire.deadline_s
         )
     except BaseException:
-        if reservation is not None and state.keys is not None:
-            state.keys.settle(reservation, 0.0)
+        if hold is not None:
+            hold.release()
         raise
     run = Run(run_id, pipeline.name, key.id if key else None)
-    run.reservation = reservation
+    run.hold = hold
     state.runs.started(run)
     run.task = asyncio.ensure_future(_execute(state, run, pipeline, wire))
     location = f"/v1/pipelines/{pipeline.name}/runs/{run.id}"

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from shoal.server.openai_schema import ErrorBody
+from shoal.openai_wire import ErrorBody
 
 
 @dataclass(frozen=True)

@@ -1,25 +1,41 @@
 """OpenAI's chat-completions wire format, and its translation to and from shoal's own types.
 
-This is the one place in the server where OpenAI's field names appear. Requests are validated
-strictly: an unknown field is an error naming it (`tools`, `logit_bias`, ...), never silently
-ignored, and so is a known field with a value shoal cannot honour (`n` > 1, a non-zero penalty).
+The one place where OpenAI's field names appear: the server reads requests and writes answers
+with it, the OpenAI-compatible adapter writes requests and reads answers with it. Each direction
+is written once, next to its inverse: `from_chat_request` / `to_chat_request`, `completion_of` /
+`response_of`, and for streams `ChunkWriter` / `ChunkReader` (one chunk at a time).
+
+Requests are validated strictly: an unknown field is an error naming it (`tools`, `logit_bias`,
+...), and so is a known field with a value shoal cannot honour (`n` > 1, a non-zero penalty).
+Answers are read leniently, since other servers write them: unknown fields are kept, `created`,
+`model` and `usage` may be missing, and a finish reason shoal does not tell apart
+(`content_filter`, `tool_calls`) reads as "stop". shoal itself writes every field.
+
+A JSON schema travels in one of two styles (`JsonSchemaStyle`): OpenAI's `json_schema` response
+format, with `strict: true` since shoal checks every JSON answer against its schema anyway (a
+client's `strict` is read as true), or the `{"type": "json_object", "schema": ...}` form that
+llama.cpp's server wants (it rejects OpenAI's).
 
 What differs from OpenAI, on purpose:
 - Unset fields take shoal's defaults (`ChatRequest`): `temperature` 0 and `max_tokens` 256. A
   call's worst-case cost is reserved against its key's budget before it starts, so `max_tokens`
   always has a bound.
-- The `developer` role is read as `system`, and a list of text parts as their concatenation.
+- The `developer` role is read as `system`, a list of text parts as their concatenation.
 - Every completion carries a `shoal` object (`ShoalInfo`): the model that answered, the route
-  and its decision, the cost and the latency. A stream carries it on its last chunk.
+  and its decision, the cost and the latency; a stream carries it on its last chunk. Reading an
+  answer keeps them, so a shoal calling another still knows what a call cost and why.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import pydantic_core
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from shoal.errors import BackendError
 from shoal.messages import (
     ChatRequest,
     ChatResponse,
@@ -33,6 +49,10 @@ from shoal.messages import (
     Usage,
 )
 
+JsonSchemaStyle = Literal["openai", "llama_cpp"]
+STREAM_DONE = "[DONE]"
+"""The `data` of the event that ends an OpenAI stream."""
+
 
 class _In(BaseModel):
     """A request object: unknown fields are errors."""
@@ -41,9 +61,10 @@ class _In(BaseModel):
 
 
 class _Out(BaseModel):
-    """A response object: unknown fields are kept (other OpenAI-compatible servers add some)."""
+    """An answer object: unknown fields are kept, and fields other servers leave out have
+    defaults. shoal writes every field, so its schema lists them all as required."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_serialization_defaults_required=True)
 
 
 # -- request -------------------------------------------------------------------------------------
@@ -74,7 +95,10 @@ class TextFormat(_In):
 
 
 class JsonObjectFormat(_In):
+    """Any JSON object; with a `schema` (llama.cpp's server's form), JSON matching it."""
+
     type: Literal["json_object"]
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
 
 
 class JsonSchemaSpec(_In):
@@ -82,8 +106,6 @@ class JsonSchemaSpec(_In):
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class JsonSchemaFormat(_In):
@@ -139,6 +161,10 @@ class ChatCompletionRequest(_In):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def body(self) -> dict[str, Any]:
+        """The JSON body that sends this request, without the options left unset."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
 
 def _unsupported(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError(
@@ -164,10 +190,12 @@ def to_chat_request(wire: ChatCompletionRequest) -> ChatRequest:
         fields["logprobs"] = True
         fields["top_logprobs"] = wire.top_logprobs or 0
     fmt = wire.response_format
-    if isinstance(fmt, JsonObjectFormat):
-        fields["json_object"] = True
-    elif isinstance(fmt, JsonSchemaFormat):
+    if isinstance(fmt, JsonSchemaFormat):
         fields["json_schema"] = fmt.json_schema.schema_
+    elif isinstance(fmt, JsonObjectFormat) and fmt.schema_ is not None:
+        fields["json_schema"] = fmt.schema_
+    elif isinstance(fmt, JsonObjectFormat):
+        fields["json_object"] = True
     messages = tuple(
         Message(role="system" if m.role == "developer" else m.role, content=m.text)
         for m in wire.messages
@@ -176,33 +204,61 @@ def to_chat_request(wire: ChatCompletionRequest) -> ChatRequest:
 
 
 def from_chat_request(
-    request: ChatRequest, model: str, *, stream: bool = False
+    request: ChatRequest,
+    model: str,
+    *,
+    stream: bool = False,
+    schema_style: JsonSchemaStyle = "openai",
 ) -> ChatCompletionRequest:
-    """The OpenAI request that asks for `request` (the inverse of `to_chat_request`)."""
-    fmt: TextFormat | JsonObjectFormat | JsonSchemaFormat | None = None
-    if request.json_schema is not None:
-        fmt = JsonSchemaFormat(
-            type="json_schema",
-            json_schema=JsonSchemaSpec(name="output", schema=request.json_schema),
-        )
-    elif request.json_object:
-        fmt = JsonObjectFormat(type="json_object")
-    return ChatCompletionRequest(
+    """The OpenAI request that asks for `request` (the inverse of `to_chat_request`).
+
+    A stream asks for its usage (`include_usage`). The request is built, not validated: the
+    limits the server puts on its clients (at most 4 stop sequences, a message's size) are its
+    own policy, not the upstream's.
+    """
+    return ChatCompletionRequest.model_construct(
         model=model,
-        messages=[WireMessage(role=m.role, content=m.content) for m in request.messages],
+        messages=[
+            WireMessage.model_construct(role=m.role, content=m.content) for m in request.messages
+        ],
         max_tokens=request.max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
         stop=list(request.stop) or None,
         seed=request.seed,
-        stream=stream or None,
-        response_format=fmt,
+        stream=stream,
+        stream_options=StreamOptions(include_usage=True) if stream else None,
+        response_format=_response_format(request, schema_style),
         logprobs=request.logprobs or None,
         top_logprobs=request.top_logprobs or None,
     )
 
 
+def _response_format(
+    request: ChatRequest, style: JsonSchemaStyle
+) -> JsonObjectFormat | JsonSchemaFormat | None:
+    schema = request.json_schema
+    if schema is not None and style == "llama_cpp":
+        return JsonObjectFormat.model_construct(type="json_object", schema_=schema)
+    if schema is not None:
+        spec = JsonSchemaSpec.model_construct(name="output", schema_=schema, strict=True)
+        return JsonSchemaFormat.model_construct(type="json_schema", json_schema=spec)
+    if request.json_object:
+        return JsonObjectFormat(type="json_object")
+    return None
+
+
 # -- response ------------------------------------------------------------------------------------
+
+
+def _read_finish(value: object) -> object:
+    # shoal tells apart only a cut answer ("length") and a whole one: "eos", "content_filter",
+    # "tool_calls" and a completion's null all read as "stop"; a chunk's null stays null.
+    return value if value in ("length", None) else "stop"
+
+
+_Finish = Annotated[FinishReason, BeforeValidator(lambda v: _read_finish(v) or "stop")]
+_ChunkFinish = Annotated[FinishReason | None, BeforeValidator(_read_finish)]
 
 
 class TopLogprob(_Out):
@@ -215,7 +271,7 @@ class LogprobItem(_Out):
     token: str
     logprob: float
     bytes: list[int] | None = None
-    top_logprobs: list[TopLogprob] = []
+    top_logprobs: Annotated[list[TopLogprob], BeforeValidator(lambda v: v or [])] = []
 
 
 class ChoiceLogprobs(_Out):
@@ -232,7 +288,7 @@ class AssistantMessage(_Out):
 class Choice(_Out):
     index: int = 0
     message: AssistantMessage
-    finish_reason: FinishReason
+    finish_reason: _Finish
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -256,10 +312,10 @@ class ShoalInfo(_Out):
 class ChatCompletion(_Out):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: WireUsage
+    created: int = 0
+    model: str = ""
+    choices: list[Choice] = Field(min_length=1)
+    usage: WireUsage | None = None
     system_fingerprint: str | None = None
     shoal: ShoalInfo | None = None
 
@@ -272,15 +328,15 @@ class Delta(_Out):
 class ChunkChoice(_Out):
     index: int = 0
     delta: Delta
-    finish_reason: FinishReason | None = None
+    finish_reason: _ChunkFinish = None
     logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(_Out):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
+    created: int = 0
+    model: str = ""
     choices: list[ChunkChoice]
     usage: WireUsage | None = None
     system_fingerprint: str | None = None
@@ -360,23 +416,22 @@ def completion_of(
 def response_of(completion: ChatCompletion) -> ChatResponse:
     """The `ChatResponse` an OpenAI completion reports (the inverse of `completion_of`).
 
-    Cost, latency and the route's decision come from the `shoal` object when there is one.
+    Cost, latency, the route's decision and whether usage was estimated come from the `shoal`
+    object when there is one (another shoal answered); otherwise cost and latency are 0. A
+    completion without usage reads as 0 tokens, flagged `usage_estimated`.
     """
-    choice = completion.choices[0]
-    usage = Usage(
-        input_tokens=completion.usage.prompt_tokens,
-        output_tokens=completion.usage.completion_tokens,
-    )
-    info = completion.shoal
+    choice, usage, info = completion.choices[0], completion.usage, completion.shoal
     return ChatResponse(
         model=completion.model,
         text=choice.message.content or "",
         finish_reason=choice.finish_reason,
-        usage=usage,
+        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens)
+        if usage is not None
+        else Usage(),
         latency_s=info.latency_ms / 1000.0 if info else 0.0,
         cost_usd=info.cost_usd if info else 0.0,
         logprobs=shoal_logprobs(choice.logprobs) if choice.logprobs is not None else None,
-        usage_estimated=info.usage_estimated if info else False,
+        usage_estimated=usage is None or (info is not None and info.usage_estimated),
         decision=info.decision if info else None,
     )
 
@@ -431,6 +486,8 @@ class ChunkWriter:
                 )
             )
             return out
+        if not isinstance(event, Completed):
+            return out  # other events (a cascade's escalation) have no OpenAI form
         response = event.response
         self.model = response.model
         info = shoal_info(response, route=self.route)
@@ -447,45 +504,80 @@ class ChunkWriter:
         return out
 
 
+class ChunkReader:
+    """Turns OpenAI chunks, as they arrive, into shoal's stream events (the inverse of
+    `ChunkWriter`).
+
+    `read` gives a chunk's deltas: a choice with text or logprobs becomes a `TextDelta` (a chunk
+    with only the role, the finish reason or the usage gives none). `response` is what the
+    chunks read so far add up to, read as `response_of` reads a completion; `usage` and `shoal`
+    stay None until a chunk carries them.
+    """
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.deltas = 0
+        self.usage: WireUsage | None = None
+        self.shoal: ShoalInfo | None = None
+        self._parts: list[str] = []
+        self._logprobs: list[LogprobItem] = []
+        self._finish: FinishReason = "stop"
+
+    def read(self, chunk: ChatCompletionChunk) -> list[TextDelta]:
+        self.model = chunk.model or self.model
+        self.usage = chunk.usage or self.usage
+        self.shoal = chunk.shoal or self.shoal
+        deltas: list[TextDelta] = []
+        for choice in chunk.choices:
+            if choice.finish_reason is not None:
+                self._finish = choice.finish_reason
+            text = choice.delta.content or ""
+            items = choice.logprobs.content if choice.logprobs else None
+            if text or items:
+                deltas.append(TextDelta(text=text, logprobs=shoal_logprobs(choice.logprobs)))
+                self._parts.append(text)
+                self._logprobs.extend(items or ())
+        self.deltas += len(deltas)
+        return deltas
+
+    def response(self) -> ChatResponse:
+        logprobs = ChoiceLogprobs(content=self._logprobs) if self._logprobs else None
+        choice = Choice(
+            message=AssistantMessage(content="".join(self._parts)),
+            finish_reason=self._finish,
+            logprobs=logprobs,
+        )
+        return response_of(
+            ChatCompletion(
+                id="", model=self.model, choices=[choice], usage=self.usage, shoal=self.shoal
+            )
+        )
+
+
 def events_of(chunks: list[ChatCompletionChunk]) -> list[StreamEvent]:
     """The shoal stream events that a list of chunks reports (the inverse of `ChunkWriter`).
 
     Needs the usage chunk (`include_usage`) and the `shoal` object to rebuild `Completed`.
     """
-    events: list[StreamEvent] = []
-    parts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    finish: FinishReason = "stop"
-    usage: WireUsage | None = None
-    info: ShoalInfo | None = None
-    model = chunks[0].model if chunks else ""
-    for chunk in chunks:
-        model = chunk.model
-        usage = chunk.usage or usage
-        info = chunk.shoal or info
-        for choice in chunk.choices:
-            if choice.finish_reason is not None:
-                finish = choice.finish_reason
-            pieces = shoal_logprobs(choice.logprobs)
-            if choice.delta.content is not None:
-                events.append(TextDelta(text=choice.delta.content, logprobs=pieces))
-                parts.append(choice.delta.content)
-                logprobs.extend(pieces)
-    if usage is None or info is None:
+    reader = ChunkReader()
+    events: list[StreamEvent] = [delta for chunk in chunks for delta in reader.read(chunk)]
+    if reader.usage is None or reader.shoal is None:
         raise ValueError("the chunks carry no usage or no shoal object: the stream is cut short")
-    response = ChatResponse(
-        model=model,
-        text="".join(parts),
-        finish_reason=finish,
-        usage=Usage(input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens),
-        latency_s=info.latency_ms / 1000.0,
-        cost_usd=info.cost_usd,
-        logprobs=tuple(logprobs) if logprobs else None,
-        usage_estimated=info.usage_estimated,
-        decision=info.decision,
-    )
-    events.append(Completed(response=response))
+    events.append(Completed(response=reader.response()))
     return events
+
+
+def read_chunk(data: str) -> ChatCompletionChunk:
+    """The chunk one `data` field of an OpenAI stream carries (other than `STREAM_DONE`).
+
+    An error object (`{"error": {...}}`, how OpenAI and shoal report a stream that fails after it
+    started) raises `BackendError` with its message; anything else that is not a chunk raises
+    `ValueError` (pydantic's `ValidationError`).
+    """
+    payload = pydantic_core.from_json(data)
+    if isinstance(payload, dict) and "error" in payload:
+        raise BackendError(f"upstream error in stream: {error_message(data)}")
+    return ChatCompletionChunk.model_validate(payload)
 
 
 # -- errors and models ---------------------------------------------------------------------------
@@ -500,6 +592,23 @@ class ErrorDetail(_Out):
 
 class ErrorBody(_Out):
     error: ErrorDetail
+
+
+def error_message(text: str) -> str:
+    """The message of an error body (at most 500 characters): OpenAI's
+    `{"error": {"message": ...}}`, the `{"error": "..."}` or `{"message": ...}` other servers
+    send, or else the text itself."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return text[:500]
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])[:500]
+        if isinstance(error, str):
+            return error[:500]
+    return text[:500]
 
 
 class ModelInfo(_Out):
