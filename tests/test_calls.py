@@ -33,7 +33,7 @@ from shoal.errors import (
     RateLimitedError,
 )
 from shoal.ledger import Account, to_pico
-from shoal.messages import ChatResponse, Completed, Escalated, RouteDecision
+from shoal.messages import ChatResponse, Completed, Escalated, RouteDecision, TextDelta
 from shoal.models.embedder import HashEmbedder
 from shoal.pipeline.graph import ModelStep, Pipeline
 from shoal.pipeline.run import Runner
@@ -396,3 +396,56 @@ def test_an_account_holds_then_charges_what_the_call_cost() -> None:
     account.reserve(2e-7).release()
     assert account.spent_pusd == to_pico(8e-7)
     assert Account("free").left_pusd is None
+
+
+class WholeOnly(FunctionModel):
+    """An upstream that answers whole and cannot stream."""
+
+    async def stream(self, request: ChatRequest):  # type: ignore[no-untyped-def,override]
+        raise BackendError("this upstream does not stream")
+        yield  # pragma: no cover
+
+
+async def test_a_plain_call_asks_the_model_for_a_whole_answer(tmp_path: Path) -> None:
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    engine.add_route("whole", WholeOnly(lambda r: "done", model_id="whole", price=PRICE))
+    engine.add_route(
+        "routed",
+        RoutedModel("routed", FixedRouter("whole"), [WholeOnly(lambda r: "ok", model_id="whole")]),
+    )
+    for name in ("whole", "routed"):
+        response = await engine.generate(name, ChatRequest.of("q", max_tokens=4))
+        assert response.text in ("done", "ok")
+        with pytest.raises(BackendError):
+            plan = await engine.plan(name, ChatRequest.of("q", max_tokens=4))
+            [e async for e in engine.stream(plan)]
+    await engine.aclose()
+
+
+class Endless(FunctionModel):
+    """Streams words until told to stop; says when its stream was closed."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda r: "", model_id="endless", price=PRICE)
+        self.closed = False
+
+    async def stream(self, request: ChatRequest):  # type: ignore[no-untyped-def,override]
+        try:
+            while True:
+                yield TextDelta(text="word ")
+                await asyncio.sleep(0.01)
+        finally:
+            self.closed = True
+
+
+async def test_leaving_a_routed_stream_stops_its_model_at_once(tmp_path: Path) -> None:
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    endless = Endless()
+    engine.add_route("r", RoutedModel("r", FixedRouter("endless"), [endless]))
+    plan = await engine.plan("r", ChatRequest.of("q", max_tokens=8))
+    async with aclosing(engine.stream(plan)) as events:
+        async for _ in events:
+            break
+    assert endless.closed  # closed with the stream, not later by the garbage collector
+    assert [(c.model, c.status) for c in engine.traces.calls()] == [("endless", "cancelled")]
+    await engine.aclose()

@@ -39,14 +39,16 @@ from shoal.messages import (
     StreamEvent,
     TextDelta,
 )
-from shoal.models.base import Model, collect
+from shoal.models.base import Model, collect, events
 from shoal.money import to_pico, whole_pico
 from shoal.routing.base import RoutedModel
+from shoal.speeds import LiveSpeeds
 from shoal.traces.store import CallRecord, TraceStore
 
 log = logging.getLogger(__name__)
 
 TRACES_FILE = "traces.sqlite"
+SPEEDS_FILE = "speeds.json"
 
 
 class Engine:
@@ -61,6 +63,10 @@ class Engine:
         if traces is None:
             traces = TraceStore(trace_path or self.fleet.cache_dir / TRACES_FILE)
         self.traces = traces
+        # How fast each model has been answering lately, kept next to the traces (in memory
+        # only beside an in-memory trace store).
+        in_memory = str(traces.path) == ":memory:"
+        self.speeds = LiveSpeeds(None if in_memory else Path(traces.path).parent / SPEEDS_FILE)
         self._routes: dict[str, Model] = {}  # routed models, or models served under a name
         if self.fleet.settings.routes:
             from shoal.routing.config import build_route
@@ -102,18 +108,19 @@ class Engine:
 
     async def plan(self, name: str, request: ChatRequest) -> CallPlan:
         """What a call of `name` with `request` will run: a route decides here, once (off the
-        event loop when deciding embeds the query), and the call is priced by the cards."""
+        event loop when deciding embeds the query), and the call is priced by the cards at the
+        speeds the models have shown lately."""
         model = self._routes.get(name)
         if model is None:
             return self._plan_model(name, request)
         if not isinstance(model, RoutedModel):  # a model served under a route name
-            card = model.card
+            card, live = model.card, self.speeds.get(model.id)
             return CallPlan(
                 name,
                 request,
                 (model.id,),
-                card.worst_case_cost(request),
-                card.expected_seconds(request),
+                card.worst_case_cost(request, live),
+                card.expected_seconds(request, live),
                 route=name,
             )
         if model.blocking:
@@ -124,8 +131,8 @@ class Engine:
             name,
             request,
             decision.models,
-            model.worst_case_cost(request, decision),
-            model.expected_seconds(request, decision),
+            model.worst_case_cost(request, decision, self.speeds.get),
+            model.expected_seconds(request, decision, self.speeds.get),
             route=name,
             decision=decision,
         )
@@ -133,9 +140,13 @@ class Engine:
     def _plan_model(self, name: str, request: ChatRequest) -> CallPlan:
         if name not in self.fleet.ids:
             raise UnknownModelError(name, self.names)
-        card = self.fleet.card(name)
+        card, live = self.fleet.card(name), self.speeds.get(name)
         return CallPlan(
-            name, request, (name,), card.worst_case_cost(request), card.expected_seconds(request)
+            name,
+            request,
+            (name,),
+            card.worst_case_cost(request, live),
+            card.expected_seconds(request, live),
         )
 
     def stand_ins(self, plan: CallPlan) -> list[CallPlan]:
@@ -170,9 +181,10 @@ class Engine:
         step: str | None = None,
         item: str | None = None,
     ) -> ChatResponse:
-        """Run `plan` and return its answer: `stream`, collected."""
-        events = self.stream(plan, hold=hold, run_id=run_id, step=step, item=item)
-        return await collect(events, plan.name)
+        """Run `plan` and return its answer: the loop of `stream`, collected (the models are
+        asked for whole answers)."""
+        answer = self._run(plan, hold, run_id, step, item, streamed=False)
+        return await collect(answer, plan.name)
 
     async def stream(
         self,
@@ -183,23 +195,39 @@ class Engine:
         step: str | None = None,
         item: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
-        """Run `plan`: its decision, never a new one. With a `hold`, the call may spend what is
-        held and no more (a local model stops early), and the hold is settled when it ends."""
+        """Run `plan`: its decision, never a new one. With a `hold`, the hold is settled when the
+        call ends, and on a budget (an account with a limit) the call may spend what is held and
+        no more (a local model stops early)."""
+        run = self._run(plan, hold, run_id, step, item, streamed=True)
+        async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], run)) as events:
+            async for event in events:
+                yield event
+
+    async def _run(
+        self,
+        plan: CallPlan,
+        hold: Hold | None,
+        run_id: str | None,
+        step: str | None,
+        item: str | None,
+        *,
+        streamed: bool,
+    ) -> AsyncIterator[StreamEvent]:
         model = self.model(plan.name)
         request = plan.request
-        if hold is not None:
+        if hold is not None and hold.account.limit_pusd is not None:
             cap = hold.amount_usd
             if request.max_cost_usd is not None:
                 cap = min(cap, request.max_cost_usd)
             request = request.model_copy(update={"max_cost_usd": cap})
         tab = _Tab(self, plan, request, hold, run_id, step, item)
         if isinstance(model, RoutedModel):
-            events = model.stream(request, plan.decision)
+            answer = model.stream(request, plan.decision, streamed=streamed)
         else:
-            events = model.stream(request)
+            answer = events(model, request, streamed=streamed)
         try:
-            async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], events)):
-                async for event in events:
+            async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], answer)):
+                async for event in answer:
                     if isinstance(event, TextDelta):
                         tab.delivered += 1
                     elif isinstance(event, Escalated):
@@ -232,6 +260,7 @@ class Engine:
         for route in self._routes.values():
             await route.aclose()
         await self.fleet.aclose()
+        self.speeds.save()
         self.traces.close()
 
 
@@ -285,6 +314,8 @@ class _Tab:
         self.delivered = 0
 
     def answered(self, response: ChatResponse) -> None:
+        for answer in (*response.attempts, response):
+            self.engine.speeds.observe(answer)
         self._close([*response.attempts, response], None, response.decision)
 
     def failed(self, exc: ShoalError) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import cast
 
 from shoal.cards import ModelCard
 from shoal.errors import BackendError
@@ -44,6 +46,24 @@ class Model(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.id!r})"
+
+
+async def events(
+    model: Model, request: ChatRequest, *, streamed: bool
+) -> AsyncIterator[StreamEvent]:
+    """A model's answer as events: its own stream, or (for a caller that wants the answer
+    whole) its `generate`, as one delta and the `Completed`. Callers run one loop over either,
+    so a plain and a streamed call are accounted alike; only the wire to the model differs."""
+    if streamed:
+        stream = cast(AsyncGenerator[StreamEvent, None], model.stream(request))
+        async with contextlib.aclosing(stream):  # a consumer that leaves stops the model
+            async for event in stream:
+                yield event
+        return
+    response = await model.generate(request)
+    if response.text:
+        yield TextDelta(text=response.text, logprobs=response.logprobs or ())
+    yield Completed(response=response)
 
 
 async def collect(events: AsyncIterator[StreamEvent], name: str) -> ChatResponse:

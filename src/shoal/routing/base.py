@@ -14,15 +14,17 @@ final `ChatResponse` carries the decision, and every earlier answer in `attempts
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
-from shoal.cards import HostPrice, ModelCard
+from shoal.cards import HostPrice, ModelCard, Speed
 from shoal.errors import ConfigError, OutputError, ShoalError
 from shoal.messages import (
     ChatRequest,
@@ -34,7 +36,7 @@ from shoal.messages import (
     TextDelta,
     Usage,
 )
-from shoal.models.base import Model, collect
+from shoal.models.base import Model, collect, events
 from shoal.traces.store import CallRecord
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,13 @@ class Router(ABC):
         self.name = name
 
 
+LiveSpeed = Callable[[str], Speed | None]
+
+
+def _unknown(model: str) -> Speed | None:
+    return None
+
+
 class RoutedModel(Model):
     """A route as a model: choose with `router`, call the chosen model(s), report everything."""
 
@@ -196,29 +205,38 @@ class RoutedModel(Model):
         """Whether deciding does work worth keeping off the event loop (embedding a query)."""
         return self.router.blocking
 
-    def worst_case_cost(self, request: ChatRequest, decision: RouteDecision) -> float:
+    def worst_case_cost(
+        self, request: ChatRequest, decision: RouteDecision, live: LiveSpeed = _unknown
+    ) -> float:
         """The most a routed call can cost: every model of the decision (a cascade may call
         them all), each at its own worst case."""
         prepared = self.router.prepare(request)
-        return sum(self._models[m].card.worst_case_cost(prepared) for m in decision.models)
+        return sum(self._models[m].card.worst_case_cost(prepared, live(m)) for m in decision.models)
 
-    def expected_seconds(self, request: ChatRequest, decision: RouteDecision) -> float:
-        return max(self._models[m].card.expected_seconds(request) for m in decision.models)
+    def expected_seconds(
+        self, request: ChatRequest, decision: RouteDecision, live: LiveSpeed = _unknown
+    ) -> float:
+        return max(self._models[m].card.expected_seconds(request, live(m)) for m in decision.models)
 
     async def generate(
         self, request: ChatRequest, decision: RouteDecision | None = None
     ) -> ChatResponse:
-        return await collect(self.stream(request, decision), self.name)
+        return await collect(self.stream(request, decision, streamed=False), self.name)
 
     async def stream(
-        self, request: ChatRequest, decision: RouteDecision | None = None
+        self,
+        request: ChatRequest,
+        decision: RouteDecision | None = None,
+        *,
+        streamed: bool = True,
     ) -> AsyncIterator[StreamEvent]:
-        """Run `decision` (made now when none is given).
+        """Run `decision` (made now when none is given); `generate` is this loop, collected.
 
         Each model of the decision gets what the earlier ones left of the request's cost cap.
         Earlier cascade stages are answered whole (they must be judged): a trusted answer ends
         the call, an untrusted one is announced as `Escalated` and the next model is asked, and
-        a retryable failure moves on too. The last model streams.
+        a retryable failure moves on too. The last model streams (with `streamed`) or answers
+        whole.
         """
         if decision is None:
             decision = self.decide(request)
@@ -235,10 +253,15 @@ class RoutedModel(Model):
                 )
             try:
                 if final:
-                    async for event in model.stream(stage):
-                        if isinstance(event, Completed):
-                            event = Completed(response=_routed(event.response, decision, attempts))
-                        yield event
+                    answer = cast(
+                        AsyncGenerator[StreamEvent, None], events(model, stage, streamed=streamed)
+                    )
+                    async with contextlib.aclosing(answer):
+                        async for event in answer:
+                            if isinstance(event, Completed):
+                                routed = _routed(event.response, decision, attempts)
+                                event = Completed(response=routed)
+                            yield event
                     return
                 response = await model.generate(stage)
             except ShoalError as exc:
