@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from aiohttp import web
 from conftest import free_port
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
 
@@ -130,6 +131,15 @@ def fake_upstream() -> Iterator[str]:
     finally:
         loop_box["loop"].call_soon_threadsafe(stop["event"].set)
         thread.join(timeout=10)
+
+
+def scraped(text: str, metric: str, /, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus exposition (labels in any order), or None."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metric and sample.labels == labels:
+                return float(sample.value)
+    return None
 
 
 def make_key(path: Path, name: str, *, budget: float | None = None, rpm: int | None = None) -> str:

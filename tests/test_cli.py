@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
+from shoal.cards import Measured
 from shoal.cli.main import app
+from shoal.cli.run import cost_on
+from shoal.fleet import Fleet
+from shoal.measure import STEPS, best_of, should_record
 from shoal.settings import parse_fleet
+from shoal.traces.store import CallRecord, TraceStore
 
 runner = CliRunner()
 
@@ -40,6 +47,14 @@ def test_models_list_shows_the_default_tiers() -> None:
     assert "$0.09/h host" in table.stdout
 
 
+def test_version_prints_the_installed_package_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"shoal {version('shoal')}\n"
+
+
 def test_ask_streams_the_answer_then_its_figures() -> None:
     result = runner.invoke(app, ["ask", "What colour is the sky?", "--max-tokens", "12"])
     assert result.exit_code == 0, result.output
@@ -61,6 +76,34 @@ def test_ask_with_a_json_schema(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "answer" in json.loads(result.stdout)
+
+
+def test_ask_reads_the_prompt_from_standard_input() -> None:
+    result = runner.invoke(
+        app, ["ask", "-", "--max-tokens", "4"], input="What colour is the sky?\n"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    assert "model smollm2-135m" in result.stderr
+    empty = runner.invoke(app, ["ask", "-"], input="  \n")
+    assert empty.exit_code == 2
+    assert "standard input" in empty.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("[1, 2]", "a JSON object"), ('{"type": 5}', "not a valid JSON schema"), ("{", "not JSON")],
+)
+def test_ask_with_a_bad_json_schema_is_a_clean_error(
+    tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "schema.json"
+    path.write_text(text, "utf-8")
+    result = runner.invoke(app, ["ask", "hi", "--json-schema", str(path)])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert str(path) in result.stderr
+    assert problem in result.stderr
 
 
 def test_unknown_model_is_a_clean_error() -> None:
@@ -93,6 +136,10 @@ def test_config_show_prints_what_will_run_and_round_trips(tiny_fleet: Path) -> N
     shown = parse_fleet(result.stdout, source="shown")
     assert [m.id for m in shown.models] == ["tiny"]
     assert yaml.safe_load(result.stdout)["cache_dir"].endswith("cache")
+    # The default fleet shown is a fleet file that runs the same models.
+    default = runner.invoke(app, ["config", "show"])
+    assert default.exit_code == 0, default.output
+    assert Fleet(parse_fleet(default.stdout, source="shown")).ids == Fleet().ids
 
 
 def test_demo_answers_every_question_with_every_tier(tiny_fleet: Path) -> None:
@@ -108,11 +155,13 @@ def test_demo_answers_every_question_with_every_tier(tiny_fleet: Path) -> None:
 
 def test_models_bench_measures_and_records(tiny_fleet: Path, tmp_path: Path) -> None:
     result = runner.invoke(
-        app, ["models", "bench", "tiny", "--fleet", str(tiny_fleet), "--rounds", "1"]
+        app,
+        ["models", "bench", "tiny", "--fleet", str(tiny_fleet), "--rounds", "1", "--repeat", "1"],
     )
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "cache" / "measurements.json").read_text())
     figures = recorded["tiny"]
+    assert figures["runs"] == 1
     assert figures["gen_tok_s"] > 0
     assert figures["prompt_tok_s"] > 0
     assert figures["peak_rss_mb"] > 100
@@ -122,12 +171,73 @@ def test_models_bench_measures_and_records(tiny_fleet: Path, tmp_path: Path) -> 
     assert listed[0]["measured"]["gen_tok_s"] == figures["gen_tok_s"]
 
 
-def test_runs_show_says_where_each_cent_and_second_went(tmp_path: Path) -> None:
-    from shoal.cli.run import cost_on
-    from shoal.fleet import Fleet
-    from shoal.traces.store import CallRecord, TraceStore
+def _measured(gen_tok_s: float, prompt_tok_s: float = 500.0) -> Measured:
+    return Measured(
+        load_s=0.5,
+        prompt_tok_s=prompt_tok_s,
+        gen_tok_s=gen_tok_s,
+        peak_rss_mb=200.0,
+        measured_at="2025-01-01T00:00:00+00:00",
+    )
 
-    path = tmp_path / "traces.sqlite"
+
+def test_best_of_several_runs_keeps_the_fastest_and_flags_a_wide_spread() -> None:
+    steady = best_of([_measured(10.0), _measured(11.0), _measured(10.5, 520.0)])
+    assert (steady.gen_tok_s, steady.prompt_tok_s, steady.runs) == (11.0, 520.0, 3)
+    assert not steady.noisy
+    busy = best_of([_measured(4.0), _measured(8.0), _measured(7.0)])
+    assert busy.noisy
+    assert busy.spread == 0.5
+    assert should_record(None, busy)
+    assert not should_record(steady, busy)  # noisy and clearly slower: the steady one stays
+    assert should_record(steady, best_of([_measured(8.0), _measured(12.0)]))  # noisy, faster
+    assert should_record(busy, _measured(5.0))  # steady: trusted even when slower
+
+
+def test_models_bench_repeats_and_does_not_let_a_noisy_run_replace_a_better_one(
+    tiny_fleet: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shoal.cli.main as cli
+
+    scripted: list[Measured] = []
+
+    def measure_once(
+        model_id: str, fleet_file: Path | None, rounds: int, on_step: Callable[[str], None]
+    ) -> Measured:
+        for step in STEPS:
+            on_step(step)
+        return scripted.pop(0)
+
+    monkeypatch.setattr(cli, "_measure_once", measure_once)
+    recorded = tmp_path / "cache" / "measurements.json"
+
+    def bench(*runs: Measured, repeat: str = "3") -> str:
+        scripted[:] = runs
+        result = runner.invoke(
+            app,
+            ["models", "bench", "tiny", "--fleet", str(tiny_fleet), "--repeat", repeat],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 0, result.output
+        assert not scripted
+        return result.output
+
+    bench(_measured(10.0), _measured(12.0), _measured(11.0))
+    first = json.loads(recorded.read_text())["tiny"]
+    assert (first["gen_tok_s"], first["runs"], first["noisy"]) == (12.0, 3, False)
+
+    output = bench(_measured(3.0), _measured(6.0), _measured(8.0))  # a busy machine
+    assert "noisy" in output
+    assert "kept" in output
+    assert json.loads(recorded.read_text())["tiny"] == first
+
+    output = bench(_measured(15.0), repeat="1")  # steady and faster: recorded
+    assert "noisy" not in output
+    assert json.loads(recorded.read_text())["tiny"]["gen_tok_s"] == 15.0
+
+
+def _record_run(path: Path) -> tuple[str, list[CallRecord]]:
+    """A finished rental run of three calls in a trace store at `path`."""
     store = TraceStore(path)
     run_id = store.start_run("rental", budget_usd=0.01)
     calls = [
@@ -162,6 +272,12 @@ def test_runs_show_says_where_each_cent_and_second_went(tmp_path: Path) -> None:
     steps = {"read": {"status": "ok", "wall_s": 8.1}, "scores": {"status": "ok", "wall_s": 8.0}}
     store.finish_run(run_id, "ok", {"steps": steps})
     store.close()
+    return run_id, calls
+
+
+def test_runs_show_says_where_each_cent_and_second_went(tmp_path: Path) -> None:
+    path = tmp_path / "traces.sqlite"
+    run_id, calls = _record_run(path)
     result = runner.invoke(
         app, ["runs", "show", run_id, "--traces", str(path)], env={"COLUMNS": "200"}
     )
@@ -181,3 +297,46 @@ def test_runs_show_says_where_each_cent_and_second_went(tmp_path: Path) -> None:
     counterfactual = sum(cost_on(fleet, "qwen2.5-coder-1.5b", c) for c in calls)
     assert f"would have cost ${counterfactual:.6f}" in result.stdout
     assert f"{0.00037 / counterfactual:.0%} of it" in result.stdout
+
+
+def test_runs_list_and_show_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "traces.sqlite"
+    run_id, calls = _record_run(path)
+    listed = runner.invoke(app, ["runs", "list", "--json", "--traces", str(path)])
+    assert listed.exit_code == 0, listed.output
+    (run,) = json.loads(listed.stdout)
+    assert set(run) == {
+        "id",
+        "pipeline",
+        "status",
+        "stop_reason",
+        "started_at",
+        "finished_at",
+        "wall_s",
+        "cost_usd",
+        "budget_usd",
+        "deadline_s",
+    }
+    assert (run["id"], run["pipeline"], run["status"]) == (run_id, "rental", "ok")
+    assert run["budget_usd"] == 0.01
+    assert run["cost_usd"] == pytest.approx(0.00037)
+    datetime.fromisoformat(run["started_at"])
+
+    shown = runner.invoke(app, ["runs", "show", run_id, "--json", "--traces", str(path)])
+    assert shown.exit_code == 0, shown.output
+    detail = json.loads(shown.stdout)
+    assert {k: detail[k] for k in run} == run
+    assert [s["name"] for s in detail["steps"]] == ["read", "scores"]
+    scores = detail["steps"][1]
+    assert scores["cost_usd"] == pytest.approx(0.0002)
+    assert [c["item"] for c in scores["calls"]] == ["0", "1"]
+    assert scores["calls"][1]["latency_s"] == 8.0
+    models = {m["model"]: m for m in detail["models"]}
+    assert models["qwen2.5-coder-0.5b"]["input_tokens"] == 600
+    assert models["qwen2.5-coder-0.5b"]["share"] == pytest.approx(0.0002 / 0.00037)
+    large = detail["on_large_model"]
+    assert large["model"] == "qwen2.5-coder-1.5b"
+    assert large["cost_usd"] == pytest.approx(
+        sum(cost_on(Fleet(), "qwen2.5-coder-1.5b", c) for c in calls)
+    )
+    assert large["paid_usd"] == pytest.approx(0.00037)

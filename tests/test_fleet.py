@@ -111,3 +111,26 @@ def test_packaged_tiers_are_installed_and_verified() -> None:
     fleet = Fleet()
     assert all(fleet.installed(i) for i in DEFAULT_IDS)
     assert fleet.gguf_path("smollm2-135m").stat().st_size > 90_000_000
+
+
+def test_reusing_a_built_in_id_is_an_error_unless_it_says_replace(
+    tmp_path: Path, tiny_path: Path
+) -> None:
+    entry = f'{{id: smollm2-135m, kind: gguf, path: "{tiny_path}", context: 1024'
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"models:\n  - {entry}}}\n", "utf-8")
+    with pytest.raises(ConfigError, match="'smollm2-135m' is a built-in model") as caught:
+        Fleet.from_file(path)
+    assert str(path) in str(caught.value)
+    assert "replace: true" in str(caught.value)
+
+    fleet = fleet_from(f"models:\n  - {entry}, replace: true}}\n", tmp_path)
+    assert fleet.ids == [*DEFAULT_IDS[1:], "smollm2-135m"]
+    assert fleet.card("smollm2-135m").context == 1024
+    # Without the default fleet there is nothing to collide with.
+    alone = fleet_from(f"include_default: false\nmodels:\n  - {entry}}}\n", tmp_path)
+    assert alone.ids == ["smollm2-135m"]
+    with pytest.raises(ConfigError, match="no built-in model has that id"):
+        fleet_from(
+            f'models: [{{id: mine, kind: gguf, path: "{tiny_path}", replace: true}}]\n', tmp_path
+        )

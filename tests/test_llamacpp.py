@@ -21,7 +21,13 @@ from shoal import (
     OverloadedError,
     TextDelta,
 )
-from shoal.models.llamacpp import PREFILL_CHUNK, LlamaCppModel
+from shoal.models.llamacpp import (
+    PREFILL_CHUNK,
+    FreeCores,
+    GrammarCache,
+    LlamaCppModel,
+    grammar_cache_stats,
+)
 
 LISTING_SCHEMA = {
     "type": "object",
@@ -314,3 +320,65 @@ async def test_a_call_cancelled_during_its_prompt_stops_within_a_chunk(tiny: Mod
     waited = quick.latency_s - quick.compute_s
     # The rest of the prompt (about 4/5 of it) is not evaluated for nobody.
     assert waited < full.compute_s / 2, (waited, full.compute_s)
+
+
+def test_the_grammar_cache_drops_the_least_recently_used() -> None:
+    cache = GrammarCache(max_entries=3, max_bytes=100)
+    for key in ("a" * 10, "b" * 10, "c" * 10):
+        cache.put(key, key.upper())
+    assert cache.get("a" * 10) == "A" * 10  # now the most recently used
+    cache.put("d" * 10, "D")
+    assert list(cache.entries) == ["c" * 10, "a" * 10, "d" * 10]
+    cache.put("e" * 80, "E")  # over the byte bound: the oldest go until it fits
+    assert list(cache.entries) == ["a" * 10, "d" * 10, "e" * 80]
+    assert (cache.bytes, cache.evictions) == (100, 2)
+    cache.put("f" * 101, "F")  # larger than the whole cache: not kept
+    assert "f" * 101 not in cache.entries
+
+
+async def test_compiled_grammars_stay_bounded(tiny: Model) -> None:
+    assert isinstance(tiny, LlamaCppModel)
+    await tiny.load()
+    before = grammar_cache_stats()
+    for i in range(GrammarCache.max_entries + 6):
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "integer"}}}
+        tiny._grammar(ChatRequest.of("x", json_schema=schema))
+    entries, size, evictions = grammar_cache_stats()
+    assert entries <= GrammarCache.max_entries
+    assert evictions >= before[2] + 6
+    assert size <= GrammarCache.max_bytes
+    from shoal.server.metrics import Metrics  # the server shows the same figures
+
+    scraped = Metrics()
+    assert scraped.sample("shoal_grammar_cache_evictions_total") == evictions
+    assert scraped.sample("shoal_grammar_cache_entries") == entries
+
+
+def test_threads_follow_the_cores_other_programs_leave_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import collections
+
+    import psutil
+
+    machine = collections.namedtuple("machine", "user system idle iowait")
+    own = collections.namedtuple("own", "user system children_user children_system")
+    clock = {"now": 100.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(psutil, "cpu_times", lambda: machine(clock["busy"], 0.0, 50.0, 0.0))
+
+    class Me:
+        def cpu_times(self) -> tuple[float, ...]:
+            return own(clock["own"], 0.0, 0.0, 0.0)
+
+    monkeypatch.setattr(psutil, "Process", Me)
+    cores = FreeCores(every_s=1.0)
+    cores.cores = 4
+    cores._free = 4
+    assert cores() == 4  # the first reading: nothing to compare with yet
+    clock.update(now=102.0, busy=4.0, own=2.0)  # others used one core for two seconds
+    assert cores() == 3
+    clock.update(now=102.5, busy=100.0)  # within `every_s`: the last answer stands
+    assert cores() == 3
+    clock.update(now=104.0, busy=108.0, own=2.0)  # others held every core and more
+    assert cores() == 1  # never fewer than one

@@ -19,7 +19,9 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from shoal import BackendError, ChatRequest, FunctionModel, TokenPrice
+from shoal.calls import CallPlan
 from shoal.engine import Engine
+from shoal.errors import OverloadedError
 from shoal.fleet import Fleet
 from shoal.pipeline.cache import ResponseCache
 from shoal.pipeline.graph import ModelStep, Pipeline, PipelineError, PythonStep
@@ -239,8 +241,8 @@ def test_the_budget_is_never_exceeded_under_concurrent_fan_out(
         return json.dumps({"score": 3, "reason": "fine " * 3})
 
     class OnlyJudge(Engine):
-        def cheaper(self, name: str) -> str | None:
-            return None  # no stand-in: the budget alone decides what runs
+        def stand_ins(self, plan: CallPlan) -> list[CallPlan]:
+            return []  # no stand-in: the budget alone decides what runs
 
     async def go() -> None:
         engine = OnlyJudge(Fleet(), traces=TraceStore(":memory:"))
@@ -294,6 +296,80 @@ async def test_retryable_errors_are_retried(tmp_path: Path) -> None:
     result = await Runner(engine, backoff_s=0.01).run(fan_out_pipeline(), {"text": "a"})
     assert result.status == "ok"
     assert result.steps["score"].calls == 3
+
+
+def _failing(*errors: Exception) -> FunctionModel:
+    """A judge that raises `errors` in turn, then answers."""
+    pending = list(errors)
+
+    def answer(request: ChatRequest) -> str:
+        if pending:
+            raise pending.pop(0)
+        return json.dumps({"score": 1, "reason": "ok"})
+
+    return FunctionModel(answer, model_id="judge", price=PRICE)
+
+
+def _one_call(retries: int) -> Pipeline:
+    step = ModelStep(
+        "score",
+        prompt="Score {text}",
+        model="judge",
+        output=Verdict,
+        inputs=("text",),
+        retries=retries,
+    )
+    return Pipeline("one", inputs=["text"], steps=[step], output="score")
+
+
+@pytest.mark.parametrize(("jitter", "expected"), [(0.5, [0.5, 1.0, 1.5]), (0.999, [1.0, 2.0, 3.0])])
+async def test_retries_back_off_with_full_jitter_under_a_cap(
+    tmp_path: Path, jitter: float, expected: list[float]
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    model = _failing(*(BackendError("hiccup") for _ in range(3)))
+    engine = engine_with(tmp_path, judge=model)
+    runner = Runner(engine, backoff_s=1.0, backoff_cap_s=3.0, sleep=sleep, jitter=lambda: jitter)
+    result = await runner.run(_one_call(retries=3), {"text": "a"})
+    assert result.status == "ok"
+    # Up to 1, 2, then 4 s capped at 3 s, each scaled by the draw.
+    assert slept == pytest.approx(expected, abs=0.01)
+
+
+async def test_retries_honour_retry_after_and_never_wait_past_the_deadline(
+    tmp_path: Path,
+) -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    busy = OverloadedError("queue full", retry_after_s=2.5)
+    engine = engine_with(tmp_path, judge=_failing(busy))
+    runner = Runner(engine, backoff_s=0.1, sleep=sleep, jitter=lambda: 0.0)
+    assert (await runner.run(_one_call(retries=2), {"text": "a"})).status == "ok"
+    assert slept == [2.5]
+
+    # A server that asks for longer than the run has left: not retried, the step fails now.
+    slept.clear()
+    later = OverloadedError("queue full", retry_after_s=8.0)
+    engine = engine_with(tmp_path, judge=_failing(later))
+    runner = Runner(engine, backoff_s=0.1, sleep=sleep, jitter=lambda: 0.0)
+    started = time.monotonic()
+    result = await runner.run(_one_call(retries=2), {"text": "a"}, deadline_s=5.0)
+    assert result.status == "failed"
+    assert "queue full" in (result.steps["score"].error or "")
+    assert slept == []
+    assert time.monotonic() - started < 2.0
+    # The cap bounds a long retry-after too.
+    assert (
+        Runner(engine, backoff_cap_s=10.0).retry_delay(1, OverloadedError("x", retry_after_s=60))
+        == 10.0
+    )
 
 
 async def test_a_failing_step_falls_back(tmp_path: Path) -> None:

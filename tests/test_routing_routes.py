@@ -83,6 +83,14 @@ def test_latency_slo_that_nothing_meets_is_flagged_not_hidden() -> None:
     assert "NOT met" in decision.reason
 
 
+def test_latency_slo_without_measurements_takes_the_first_listed_and_says_so() -> None:
+    router = LatencySLORouter(FixedRouter("b"), deadline_s=1.0)
+    decision = router.choose(REQUEST, cards("a", "b"), {})
+    assert decision.models == ("a",)
+    assert not decision.target_met
+    assert "no model has a measured latency; chose the first listed, a" in decision.reason
+
+
 async def test_fallback_moves_on_only_after_a_retryable_error() -> None:
     def down(request: ChatRequest) -> str:
         raise BackendUnavailableError("connection refused")

@@ -355,8 +355,9 @@ async def test_too_many_runs_at_once_is_a_429(
 
 
 async def test_runs_in_flight_are_cancelled_and_settled_when_the_server_stops(
-    engine: Engine, keys_path: Path
+    engine: Engine, tmp_path: Path
 ) -> None:
+    keys_path = tmp_path / "keys.sqlite"  # its own: the module's server holds the module's file
     app = create_app(
         engine, ServerSettings(keys_path=keys_path), pipelines={"slow": slow_pipeline()}
     )

@@ -244,7 +244,8 @@ def test_upstream_dying_mid_stream_is_a_clean_error_event_and_is_accounted(
     assert spent(state, "dying") == (to_pico(expected), 1)
     last = engine.traces.calls()[-1]
     assert (last.model, last.status) == ("upstream-dying", "error")
-    assert state.metrics.requests[("upstream-dying", "", "", "upstream_error")] == 1
+    failed = {"name": "upstream-dying", "route": "", "model": "", "status": "upstream_error"}
+    assert state.metrics.sample("shoal_requests_total", **failed) == 1
     assert state.metrics.in_flight == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from server_support import scraped
 
 from shoal.errors import InvalidRequestError
 from shoal.messages import TextDelta
@@ -113,9 +114,33 @@ def test_metrics_exposition() -> None:
     )
     metrics.decision(route="cheap", model="tiny", target_met=True)
     text = metrics.render()
-    assert 'shoal_requests_total{name="cheap",route="cheap",model="tiny",status="ok"} 1' in text
-    assert 'shoal_tokens_total{route="cheap",model="tiny",kind="output"} 4' in text
-    assert 'name="we\\"ird"' in text
-    assert 'shoal_request_latency_seconds_bucket{name="cheap",route="cheap",le="0.025"} 1' in text
-    assert 'shoal_request_latency_seconds_bucket{name="cheap",route="cheap",le="0.01"} 0' in text
-    assert 'shoal_route_decisions_total{route="cheap",model="tiny",target_met="true"} 1' in text
+    ok = {"name": "cheap", "route": "cheap", "model": "tiny"}
+    assert scraped(text, "shoal_requests_total", **ok, status="ok") == 1
+    assert scraped(text, "shoal_tokens_total", route="cheap", model="tiny", kind="output") == 4
+    weird = {"name": 'we"ird', "route": "", "model": "", "status": "model_not_found"}
+    assert scraped(text, "shoal_requests_total", **weird) == 1
+    latency = "shoal_request_latency_seconds_bucket"
+    assert scraped(text, latency, name="cheap", route="cheap", le="0.025") == 1
+    assert scraped(text, latency, name="cheap", route="cheap", le="0.01") == 0
+    decided = {"route": "cheap", "model": "tiny", "target_met": "true"}
+    assert scraped(text, "shoal_route_decisions_total", **decided) == 1
+    # The same registry answers in OpenMetrics when a scraper asks for it.
+    body, content_type = metrics.exposition("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_metrics_are_per_app_and_include_the_process() -> None:
+    first, second = Metrics(), Metrics()
+    first.error(status=404, code="model_not_found")
+    first.in_flight += 2
+    first.overrun_usd = 0.25
+    text = first.render()
+    assert scraped(text, "shoal_http_errors_total", status="404", code="model_not_found") == 1
+    assert scraped(text, "shoal_requests_in_flight") == 2
+    assert scraped(text, "shoal_key_overrun_usd_total") == 0.25
+    assert (scraped(text, "process_resident_memory_bytes") or 0) > 0
+    assert (
+        scraped(second.render(), "shoal_http_errors_total", status="404", code="model_not_found")
+        is None
+    )

@@ -315,6 +315,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 f"the {FINALISTS} listings that best fit the request, best first.",
                 max_tokens=120,
                 optional=True,
+                on_deadline="skip",  # the pre-ranking stands in for the shortlist
             ),
             PythonStep("finalists", finalists),
             PythonStep("cards", cards),
@@ -345,6 +346,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 "sentences, recommend the best one and say why, noting any trade-off.",
                 max_tokens=110,
                 optional=True,
+                on_deadline="skip",  # the ranked table is the answer; the prose is a bonus
             ),
             PythonStep("answer", answer, inputs=("criteria", "candidates", "ranked", "explain")),
         ],

@@ -3,7 +3,8 @@
     ShoalError                      base
     ├── ConfigError                 a fleet file or setting is invalid (says where)
     │   ├── PipelineError           a pipeline is ill-formed (a cycle, a missing input)
-    │   └── OutcomeTableError       an outcome table is missing, malformed or degenerate
+    │   ├── OutcomeTableError       an outcome table is missing, malformed or degenerate
+    │   └── KeysInUseError          another server already serves this keys file (names its pid)
     ├── UnknownModelError           no model with that id (lists the valid ids)
     ├── UnknownRouteError           no route with that name (lists the valid routes)
     ├── UnknownPipelineError        no pipeline with that name (lists the valid ones)
@@ -19,6 +20,7 @@
     ├── BudgetExceededError         a budget (a key's, a run's) cannot cover the call's worst case
     ├── DeadlineReachedError        no model can answer in the time left
     ├── StepFailedError             a pipeline step failed (its output never fit, every item failed)
+    ├── StepSkippedError            an optional step was skipped: the time left could not fit it
     ├── OutputError                 the model answered, but not in the form asked for
     │   ├── OutputTruncatedError    max_tokens cut structured output short
     │   └── OutputInvalidError      output does not parse / match its schema
@@ -79,6 +81,10 @@ class PipelineError(ConfigError):
 
 class OutcomeTableError(ConfigError):
     """An outcome table is missing, empty, malformed or too degenerate to route on."""
+
+
+class KeysInUseError(ConfigError):
+    """Another server already serves this keys file: one server per file keeps its budgets."""
 
 
 class _Unknown(ShoalError):
@@ -185,6 +191,12 @@ class DeadlineReachedError(ShoalError):
 
 class StepFailedError(ShoalError):
     pass
+
+
+class StepSkippedError(ShoalError):
+    """An optional step was skipped before it started: the time left could not fit it."""
+
+    before_work = True
 
 
 class OutputError(ShoalError):

@@ -6,13 +6,22 @@ its weights on its first call.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from shoal.cards import HostPrice, Measured, ModelCard, published_prices
+from shoal.cards import (
+    HostPrice,
+    Measured,
+    ModelCard,
+    PublishedPrice,
+    genai_prices_source,
+    list_price,
+    published_prices,
+)
 from shoal.errors import ConfigError, ModelNotInstalledError, UnknownModelError
 from shoal.models.base import Model
 from shoal.settings import (
@@ -42,6 +51,18 @@ class Fleet:
         self.settings = settings or FleetSettings()
         self.cache_dir = self.settings.cache_dir or default_cache_dir()
         specs = list(default_specs()) if self.settings.include_default else []
+        built_in = {spec.id for spec in specs}
+        for spec in self.settings.models:
+            if spec.id in built_in and not spec.replace:
+                raise ConfigError(
+                    f"model id {spec.id!r} is a built-in model of the default fleet: give "
+                    "yours another id, or say `replace: true` to replace the built-in one"
+                )
+            if spec.replace and self.settings.include_default and spec.id not in built_in:
+                raise ConfigError(
+                    f"model {spec.id!r} says `replace: true`, but no built-in model has that id "
+                    f"(built-in: {', '.join(sorted(built_in))})"
+                )
         own = {spec.id for spec in self.settings.models}
         specs = [s for s in specs if s.id not in own] + list(self.settings.models)
         if not specs:
@@ -54,7 +75,13 @@ class Fleet:
     @classmethod
     def from_file(cls, path: str | Path | None) -> Fleet:
         """The fleet in `path`, or the embedded default fleet when `path` is None."""
-        return cls(load_fleet(path) if path is not None else None)
+        if path is None:
+            return cls()
+        settings = load_fleet(path)
+        try:
+            return cls(settings)
+        except ConfigError as exc:  # say which file
+            raise ConfigError(f"{Path(path).expanduser()}: {exc}") from exc
 
     # -- cards -------------------------------------------------------------------------------
 
@@ -98,17 +125,21 @@ class Fleet:
                 prompt_tok_s=spec.prompt_tok_s,
                 gen_tok_s=spec.gen_tok_s,
             )
-        table = published_prices().models.get(spec.upstream_model)
-        price = spec.price or (table.price if table else None)
-        context = spec.context or (table.context if table else None)
+        listed: PublishedPrice | None = None
+        if spec.price is None or spec.context is None:
+            with contextlib.suppress(UnknownModelError):
+                listed = list_price(spec.upstream_model)
+        price = spec.price or (listed.price if listed else None)
+        context = spec.context or (listed.context if listed else None)
         if price is None or context is None:
             missing = " and ".join(
                 name for name, v in (("price", price), ("context", context)) if v is None
             )
-            known = ", ".join(sorted(published_prices().models))
+            table = published_prices()
             raise ConfigError(
-                f"model {spec.id!r}: give its {missing} in the fleet file "
-                f"(the bundled price table knows: {known})"
+                f"model {spec.id!r}: give its {missing} in the fleet file (neither "
+                f"{genai_prices_source()} nor {table.source} lists {spec.upstream_model!r}; "
+                f"that table knows: {', '.join(sorted(table.models))})"
             )
         return ModelCard(
             id=spec.id,
@@ -120,6 +151,7 @@ class Fleet:
             price=price,
             capabilities=frozenset({"stream", "logprobs", "json_schema"}),
             measured=measured,
+            price_source=listed.source if listed and spec.price is None else None,
         )
 
     # -- measurements (written by `shoal models bench`) ----------------------------------------

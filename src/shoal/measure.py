@@ -2,6 +2,12 @@
 
 Each model is measured in a fresh process (`python -m shoal.measure ID`) so that its peak memory
 is its own; the process prints one JSON line per finished step and the figures last.
+
+Another process can only slow a measurement down, never speed it up, so `shoal models bench`
+measures several times and keeps the fastest figures (`best_of`). Runs whose speeds differ by
+more than `NOISY_SPREAD` are flagged noisy: the machine was busy. A noisy measurement clearly
+slower than the one recorded before (`should_record`) does not replace it, so a benchmark run
+on a busy machine cannot skew routing.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from shoal.cards import Measured
@@ -64,6 +71,46 @@ async def measure(fleet: Fleet, model_id: str, *, rounds: int = 3) -> Measured:
         peak_rss_mb=round(_peak_rss_mb(), 1),
         measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
+
+
+NOISY_SPREAD = 0.2
+"""Runs whose speeds differ by more than this share of the fastest are noisy."""
+CLEARLY_SLOWER = 0.8
+"""A noisy measurement under this share of the recorded speed does not replace it."""
+
+
+def _spread(values: Sequence[float]) -> float:
+    fastest = max(values)
+    return (fastest - min(values)) / fastest if fastest > 0 else 0.0
+
+
+def best_of(runs: Sequence[Measured]) -> Measured:
+    """One measurement from several runs of the same model: the fastest load, prompt and
+    generation figures, the largest peak memory (what the machine must hold), and how far the
+    runs' speeds spread."""
+    if not runs:
+        raise ValueError("best_of needs at least one run")
+    spread = max(_spread([m.prompt_tok_s for m in runs]), _spread([m.gen_tok_s for m in runs]))
+    return Measured(
+        load_s=min(m.load_s for m in runs),
+        prompt_tok_s=max(m.prompt_tok_s for m in runs),
+        gen_tok_s=max(m.gen_tok_s for m in runs),
+        peak_rss_mb=max(m.peak_rss_mb for m in runs),
+        measured_at=max(m.measured_at for m in runs),
+        runs=sum(m.runs for m in runs),
+        spread=round(spread, 3),
+        noisy=spread > NOISY_SPREAD or any(m.noisy for m in runs),
+    )
+
+
+def should_record(earlier: Measured | None, new: Measured) -> bool:
+    """Whether `new` replaces `earlier`: always, unless `new` is noisy and clearly slower (a
+    steady measurement is trusted even when slower: the machine may have changed)."""
+    if earlier is None or not new.noisy:
+        return True
+    slower = new.gen_tok_s < CLEARLY_SLOWER * earlier.gen_tok_s
+    slower = slower or new.prompt_tok_s < CLEARLY_SLOWER * earlier.prompt_tok_s
+    return not slower
 
 
 def _report(event: dict[str, object]) -> None:

@@ -19,6 +19,7 @@ listed there, else they must be given. Unknown keys and bad values are errors th
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
@@ -37,6 +38,11 @@ class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# A model whose id is a built-in model's must say so: a silent replacement would change what a
+# familiar name runs and costs.
+_REPLACE = "replace the built-in model of the same id (else reusing its id is an error)"
+
+
 class GGUFModelSpec(_Spec):
     """A GGUF model run in process by llama.cpp: a file path, or weights shipped in packages."""
 
@@ -52,6 +58,7 @@ class GGUFModelSpec(_Spec):
     max_queue: int = Field(default=64, ge=1, description="calls that may wait for the model")
     gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
     prompt_tok_s: float | None = Field(default=None, gt=0, description="expected prompt speed")
+    replace: bool = Field(default=False, description=_REPLACE)
 
     @model_validator(mode="after")
     def _one_source(self) -> GGUFModelSpec:
@@ -79,6 +86,7 @@ class OpenAIModelSpec(_Spec):
         default="openai",
         description="how the endpoint takes a JSON schema: OpenAI's json_schema, or llama.cpp's",
     )
+    replace: bool = Field(default=False, description=_REPLACE)
 
     @property
     def upstream_model(self) -> str:
@@ -185,8 +193,51 @@ class ServerSettings(_Spec):
     port: int = Field(default=8000, ge=0, le=65535)
     auth: bool = Field(default=True, description="require an API key (see `shoal keys`)")
     keys_path: Path | None = Field(default=None, description="default: keys.sqlite in the cache")
+    public: bool = Field(default=False, description="may bind beyond loopback (needs auth)")
+    tls_cert: Path | None = Field(default=None, description="serve HTTPS: certificate (PEM)")
+    tls_key: Path | None = Field(default=None, description="serve HTTPS: its private key (PEM)")
     max_body_bytes: int = Field(default=1 << 20, ge=1024, description="larger bodies get 413")
+    max_schema_bytes: int = Field(
+        default=64 * 1024, ge=1024, description="larger JSON schemas (response_format) get 400"
+    )
     log_prompts: bool = Field(default=False, description="log prompts and answers (debug only)")
+    metrics_auth: bool = Field(default=False, description="/metrics needs an API key too")
+
+    @model_validator(mode="after")
+    def _metrics_auth_needs_keys(self) -> ServerSettings:
+        if self.metrics_auth and not self.auth:
+            raise ValueError("metrics_auth needs auth: without API keys no key can be checked")
+        return self
+
+    @model_validator(mode="after")
+    def _exposure(self) -> ServerSettings:
+        if not is_loopback(self.host):
+            if not self.public:
+                raise ValueError(
+                    f"host {self.host!r} is not a loopback address: anyone who can reach this "
+                    "machine could call the server; set public (--public) to mean it"
+                )
+            if not self.auth:
+                raise ValueError(
+                    f"refusing to serve beyond loopback (host {self.host!r}) without API keys "
+                    "(auth off, --no-auth): anyone who reaches it would spend"
+                )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (--tls-cert, --tls-key)")
+        for name, path in (("tls_cert", self.tls_cert), ("tls_key", self.tls_key)):
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to `host` is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def default_cache_dir() -> Path:

@@ -5,6 +5,7 @@ backend failed), with no traceback for an expected failure."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -42,6 +43,21 @@ BAD_INPUT = (
     ModelNotInstalledError,
     WeightsCorruptedError,
 )
+
+
+def usd(value: float, *, digits: int = 3) -> str:
+    """An amount of money a person reads at a glance, never rounded to nothing: cents for a
+    dollar or more, else `digits` significant digits (`$1.50`, `$0.000117`, `$0`)."""
+    if value == 0:
+        return "$0"
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    decimals = 2 if value >= 1 else max(2, digits - 1 - math.floor(math.log10(value)))
+    text = f"{value:,.{decimals}f}"
+    if decimals > 2:  # significant digits only: no trailing zeros past the cents
+        text = text.rstrip("0")
+        whole, _, part = text.partition(".")
+        text = f"{whole}.{part.ljust(2, '0')}"
+    return f"{sign}${text}"
 
 
 def fail(exc: ShoalError) -> typer.Exit:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import jsonschema
 import typer
 import yaml
 from rich.table import Column, Table
 
-from shoal.cards import HostPrice, ModelCard
+from shoal.cards import HostPrice, Measured, ModelCard
 from shoal.cli.common import FleetOption, err, fleet_from, guard, out, run_coroutine
 from shoal.errors import (
     ConfigError,
@@ -35,10 +37,31 @@ app.add_typer(config_app, name="config")
 _fleet, _guard, _run = fleet_from, guard, run_coroutine
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"shoal {version('shoal')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 def _price(card: ModelCard) -> str:
     if isinstance(card.price, HostPrice):
         return f"${card.price.per_hour:g}/h host"
-    return f"${card.price.input_per_mtok:g} / ${card.price.output_per_mtok:g} per Mtok"
+    price = f"${card.price.input_per_mtok:g} / ${card.price.output_per_mtok:g} per Mtok"
+    return f"{price} ({card.price_source})" if card.price_source else price
 
 
 def _params(card: ModelCard) -> str:
@@ -110,51 +133,93 @@ def models_bench(
     model_ids: Annotated[list[str] | None, typer.Argument(help="Models (default: local).")] = None,
     fleet_file: FleetOption = None,
     rounds: Annotated[int, typer.Option(min=1, help="Calls per figure (median).")] = 3,
+    repeat: Annotated[
+        int, typer.Option(min=1, help="Runs per model, each in a fresh process (the best kept).")
+    ] = 3,
 ) -> None:
-    """Measure load time, prompt and generation tok/s and peak memory; they feed the cards."""
+    """Measure load time, prompt and generation tok/s and peak memory; they feed the cards.
+
+    Each model is measured `--repeat` times and the fastest figures are kept; runs that differ
+    by more than 20% are flagged noisy (a busy machine), and a noisy measurement clearly slower
+    than the one recorded before does not replace it."""
     from rich.progress import Progress
 
-    from shoal.cards import Measured
-    from shoal.measure import STEPS
+    from shoal.measure import NOISY_SPREAD, STEPS, best_of, should_record
 
     fleet = _fleet(fleet_file)
     ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local"]
     for model_id in ids:
         _guard(partial(fleet.gguf_path, model_id))
-    results: dict[str, Measured] = {}
+    results: dict[str, tuple[Measured, str]] = {}
     with Progress(console=err) as progress:
-        task = progress.add_task("measuring", total=len(ids) * len(STEPS))
+        task = progress.add_task("measuring", total=len(ids) * len(STEPS) * repeat)
         for model_id in ids:
-            progress.update(task, description=f"{model_id}: loading")
-            command = [sys.executable, "-m", "shoal.measure", model_id, "--rounds", str(rounds)]
-            if fleet_file is not None:
-                command += ["--fleet", str(fleet_file)]
-            with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
-                assert child.stdout is not None
-                for line in child.stdout:
-                    event = json.loads(line)
-                    if event["step"] == "done":
-                        results[model_id] = Measured.model_validate(event["measured"])
-                    else:
-                        progress.advance(task)
-                        nxt = STEPS.index(event["step"]) + 1
-                        label = STEPS[nxt] if nxt < len(STEPS) else "done"
-                        progress.update(task, description=f"{model_id}: {label}")
-            if child.returncode != 0 or model_id not in results:
-                err.print(f"[bold red]error:[/] measuring {model_id} failed")
-                raise typer.Exit(1)
-            fleet.record_measurement(model_id, results[model_id])
-    table = Table("id", "load s", "prompt tok/s", "gen tok/s", "peak RSS MB")
-    for model_id, m in results.items():
+            runs: list[Measured] = []
+            for run in range(1, repeat + 1):
+                label = f"{model_id} (run {run}/{repeat})" if repeat > 1 else model_id
+
+                def step(name: str, label: str = label) -> None:
+                    progress.advance(task)
+                    nxt = STEPS.index(name) + 1
+                    progress.update(
+                        task, description=f"{label}: {STEPS[nxt] if nxt < len(STEPS) else 'done'}"
+                    )
+
+                progress.update(task, description=f"{label}: loading")
+                measured = _measure_once(model_id, fleet_file, rounds, step)
+                if measured is None:
+                    err.print(f"[bold red]error:[/] measuring {model_id} failed")
+                    raise typer.Exit(1)
+                runs.append(measured)
+            best = best_of(runs)
+            earlier = fleet.card(model_id).measured
+            note = f"noisy: runs {best.spread:.0%} apart" if best.noisy else ""
+            if should_record(earlier, best):
+                fleet.record_measurement(model_id, best)
+            else:
+                assert earlier is not None
+                note += f"; kept the earlier {earlier.gen_tok_s:g} gen tok/s"
+                err.print(
+                    f"[yellow]{model_id}:[/] runs differed by {best.spread:.0%} (over "
+                    f"{NOISY_SPREAD:.0%}: the machine was busy) and were clearly slower than "
+                    f"the measurement of {earlier.measured_at}, which is kept; measure again "
+                    "when the machine is idle",
+                    highlight=False,
+                )
+            results[model_id] = (best, note)
+    table = Table("id", "load s", "prompt tok/s", "gen tok/s", "peak RSS MB", "runs", "note")
+    for model_id, (m, note) in results.items():
         table.add_row(
             model_id,
             f"{m.load_s:.2f}",
             f"{m.prompt_tok_s:.0f}",
             f"{m.gen_tok_s:.1f}",
             f"{m.peak_rss_mb:.0f}",
+            str(m.runs),
+            f"[yellow]{note}[/]" if note else "",
         )
     out.print(table)
     out.print(f"recorded in {fleet.cache_dir / 'measurements.json'}")
+
+
+def _measure_once(
+    model_id: str, fleet_file: Path | None, rounds: int, on_step: Callable[[str], None]
+) -> Measured | None:
+    """One measurement of a model in a fresh process (so its peak memory is its own), or None
+    when the process failed."""
+    command = [sys.executable, "-m", "shoal.measure", model_id, "--rounds", str(rounds)]
+    if fleet_file is not None:
+        command += ["--fleet", str(fleet_file)]
+    measured = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            event = json.loads(line)
+            if event["step"] == "done":
+                measured = Measured.model_validate(event["measured"])
+            else:
+                on_step(event["step"])
+    return measured if child.returncode == 0 else None
 
 
 # -- ask ----------------------------------------------------------------------------------------
@@ -162,7 +227,7 @@ def models_bench(
 
 @app.command()
 def ask(
-    prompt: Annotated[str, typer.Argument(help="The question.")],
+    prompt: Annotated[str, typer.Argument(help="The question ('-': read it from standard input).")],
     model: Annotated[str, typer.Option("--model", "-m", help="Model id.")] = "smollm2-135m",
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 256,
@@ -173,14 +238,13 @@ def ask(
     fleet_file: FleetOption = None,
 ) -> None:
     """Stream a model's answer, then its model, tokens, latency and cost."""
-    fleet = _fleet(fleet_file)
-    schema = None
-    if json_schema is not None:
-        try:
-            schema = json.loads(json_schema.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            problem = ConfigError(f"cannot read JSON schema {json_schema}: {exc}")
+    if prompt == "-":
+        prompt = sys.stdin.read().strip()
+        if not prompt:
+            problem = ConfigError("no prompt: standard input was empty")
             _guard(lambda: _raise(problem))
+    fleet = _fleet(fleet_file)
+    schema = _guard(partial(_read_schema, json_schema)) if json_schema is not None else None
     request = _guard(
         lambda: ChatRequest.of(
             prompt,
@@ -216,6 +280,25 @@ def _raise(exc: Exception) -> None:
     raise exc
 
 
+def _read_schema(path: Path) -> dict[str, Any]:
+    """The JSON schema in `path`, or a `ConfigError` naming the file and what is wrong."""
+    try:
+        schema = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read JSON schema {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"JSON schema {path} is not JSON: {exc}") from exc
+    if not isinstance(schema, dict):
+        raise ConfigError(
+            f"JSON schema {path}: a schema is a JSON object ({{...}}), not {type(schema).__name__}"
+        )
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ConfigError(f"JSON schema {path} is not a valid JSON schema: {exc.message}") from exc
+    return schema
+
+
 # -- demo (the main job) --------------------------------------------------------------------------
 
 
@@ -246,6 +329,7 @@ def config_show(fleet_file: FleetOption = None) -> None:
     """Print the fleet that will run, defaults included, as YAML."""
     fleet = _fleet(fleet_file)
     data = fleet.settings.model_dump(mode="json", exclude={"models"}) | {
+        "include_default": False,  # every model that will run is listed below
         "cache_dir": str(fleet.cache_dir),
         "models": [fleet.spec(i).model_dump(mode="json", exclude_none=True) for i in fleet.ids],
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,7 +21,7 @@ from shoal.fleet import Fleet
 from shoal.messages import Usage
 from shoal.pipeline.cache import ResponseCache
 from shoal.pipeline.run import RunEvent, Runner, RunResult
-from shoal.traces.store import CallRecord, TraceStore
+from shoal.traces.store import CallRecord, RunRecord, TraceStore
 
 run_app = typer.Typer(help="Run a pipeline.", no_args_is_help=True)
 runs_app = typer.Typer(help="Recorded runs: list them, show where the money and time went.")
@@ -45,8 +45,10 @@ class _Progress:
             task = self.tasks[event.step]
             self.progress.update(task, completed=max(event.items, 1))
             status = event.detail.get("status", "")
-            if status != "ok":
-                self.progress.update(task, description=f"{event.step} [yellow]({status})[/]")
+            notes = event.detail.get("degraded") or []
+            if status != "ok" or notes:
+                said = "; ".join([status] if status != "ok" and not notes else notes[:1])
+                self.progress.update(task, description=f"{event.step} [yellow]({said})[/]")
 
 
 @run_app.command("rental")
@@ -157,9 +159,15 @@ def runs_list(
     limit: Annotated[int, typer.Option(min=1)] = 20,
     fleet_file: FleetOption = None,
     traces: TracesOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Recent runs: status, cost, budget, time."""
     store, _ = _store(fleet_file, traces)
+    if as_json:
+        runs = store.runs(limit=limit)
+        store.close()
+        typer.echo(json.dumps([_run_json(run) for run in runs], indent=2))
+        return
     table = Table("pipeline", "status", "started", "cost", "budget", "wall")
     table.columns.insert(0, Column("run", no_wrap=True))
     for run in store.runs(limit=limit):
@@ -175,6 +183,42 @@ def runs_list(
         )
     out.print(table)
     store.close()
+
+
+def _when(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    """A run for scripts: stable field names, money in USD, times in ISO 8601 (UTC)."""
+    return {
+        "id": run.id,
+        "pipeline": run.name,
+        "status": run.status,
+        "stop_reason": run.detail.get("stop_reason"),
+        "started_at": _when(run.started_at),
+        "finished_at": _when(run.finished_at),
+        "wall_s": None if run.finished_at is None else run.finished_at - run.started_at,
+        "cost_usd": run.cost_usd,
+        "budget_usd": run.budget_usd,
+        "deadline_s": run.deadline_s,
+    }
+
+
+def _call_json(call: CallRecord) -> dict[str, Any]:
+    return {
+        "item": call.item,
+        "model": call.model,
+        "route": call.route,
+        "status": call.status,
+        "error": call.error,
+        "cached": call.cached,
+        "input_tokens": call.input_tokens,
+        "output_tokens": call.output_tokens,
+        "latency_s": call.latency_s,
+        "compute_s": call.compute_s,
+        "cost_usd": call.cost_usd,
+    }
 
 
 def large_model(fleet: Fleet) -> str:
@@ -196,6 +240,7 @@ def runs_show(
     run_id: Annotated[str, typer.Argument(help="A run id (see `shoal runs list`).")],
     fleet_file: FleetOption = None,
     traces: TracesOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
 ) -> None:
     """The tree of steps with cost and latency, cost by model, and the same run on the large
     model."""
@@ -206,6 +251,61 @@ def runs_show(
         raise fail(ShoalError(f"no run {run_id!r}; recent runs: {recent}"))
     calls = store.calls(run_id)
     store.close()
+    by_step: dict[str, list[CallRecord]] = defaultdict(list)
+    for call in calls:
+        by_step[call.step or "-"].append(call)
+    steps: dict[str, Any] = run.detail.get("steps", {})
+    models: dict[str, list[CallRecord]] = defaultdict(list)
+    for call in calls:
+        models[call.model].append(call)
+    per_model = sorted(models.items(), key=lambda kv: -sum(c.cost_usd for c in kv[1]))
+    total = sum(c.cost_usd for c in calls) or 1.0
+    large = large_model(fleet)
+    # Calls the cache answered cost nothing here and would have cost nothing there either.
+    known = [c for c in calls if c.model in fleet.ids and not c.cached]
+    actual = sum(c.cost_usd for c in known)
+    counterfactual = sum(cost_on(fleet, large, c) for c in known)
+    if as_json:
+        step_rows = []
+        for name in list(steps) or list(by_step):
+            outcome = steps.get(name, {})
+            mine = by_step.get(name, [])
+            step_rows.append(
+                {
+                    "name": name,
+                    "status": outcome.get("status"),
+                    "wall_s": outcome.get("wall_s"),
+                    "cost_usd": sum(c.cost_usd for c in mine),
+                    "error": outcome.get("error"),
+                    "degraded": outcome.get("degraded", []),
+                    "calls": [_call_json(c) for c in mine],
+                }
+            )
+        data = _run_json(run) | {
+            "steps": step_rows,
+            "models": [
+                {
+                    "model": model,
+                    "calls": len(mine),
+                    "input_tokens": sum(c.input_tokens for c in mine),
+                    "output_tokens": sum(c.output_tokens for c in mine),
+                    "compute_s": sum(c.compute_s for c in mine),
+                    "cost_usd": sum(c.cost_usd for c in mine),
+                    "share": sum(c.cost_usd for c in mine) / total,
+                }
+                for model, mine in per_model
+            ],
+            "on_large_model": {
+                "model": large,
+                "cost_usd": counterfactual,
+                "paid_usd": actual,
+                "ratio": actual / counterfactual if counterfactual else None,
+            }
+            if known
+            else None,
+        }
+        typer.echo(json.dumps(data, indent=2))
+        return
     wall = (run.finished_at or run.started_at) - run.started_at
     stop = run.detail.get("stop_reason")
     tree = Tree(
@@ -215,10 +315,6 @@ def runs_show(
         + (f" of ${run.budget_usd:g}" if run.budget_usd is not None else "")
         + f" · {wall:.1f} s wall"
     )
-    by_step: dict[str, list[CallRecord]] = defaultdict(list)
-    for call in calls:
-        by_step[call.step or "-"].append(call)
-    steps: dict[str, Any] = run.detail.get("steps", {})
     for name in list(steps) or list(by_step):
         mine = by_step.get(name, [])
         outcome = steps.get(name, {})
@@ -248,14 +344,10 @@ def runs_show(
                 f"${call.cost_usd:.6f}{flags}"
             )
     out.print(tree)
-    per_model = Table("model", "calls", "tokens in+out", "compute s", "cost", "share")
-    total = sum(c.cost_usd for c in calls) or 1.0
-    models: dict[str, list[CallRecord]] = defaultdict(list)
-    for call in calls:
-        models[call.model].append(call)
-    for model, mine in sorted(models.items(), key=lambda kv: -sum(c.cost_usd for c in kv[1])):
+    table = Table("model", "calls", "tokens in+out", "compute s", "cost", "share")
+    for model, mine in per_model:
         cost = sum(c.cost_usd for c in mine)
-        per_model.add_row(
+        table.add_row(
             model,
             str(len(mine)),
             f"{sum(c.input_tokens for c in mine)}+{sum(c.output_tokens for c in mine)}",
@@ -263,13 +355,8 @@ def runs_show(
             f"${cost:.6f}",
             f"{cost / total:.0%}",
         )
-    out.print(per_model)
-    large = large_model(fleet)
-    # Calls the cache answered cost nothing here and would have cost nothing there either.
-    known = [c for c in calls if c.model in fleet.ids and not c.cached]
+    out.print(table)
     if known:
-        actual = sum(c.cost_usd for c in known)
-        counterfactual = sum(cost_on(fleet, large, c) for c in known)
         ratio = actual / counterfactual if counterfactual else 0.0
         out.print(
             f"The same calls on {large} would have cost ${counterfactual:.6f} "

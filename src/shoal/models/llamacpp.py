@@ -25,6 +25,7 @@ import os
 import threading
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,10 +94,84 @@ class _Instance:
     llama: Any = None
     formatter: Any = None
     load_s: float = 0.0
-    grammars: dict[str, Any] = field(default_factory=dict)
+    grammars: GrammarCache = field(default_factory=lambda: GrammarCache())
 
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)
+
+
+@dataclass
+class GrammarCache:
+    """Compiled grammars by schema, least recently used first out: at most `max_entries`, and
+    at most `max_bytes` of schema text (a compiled grammar grows with its schema)."""
+
+    max_entries: int = 64
+    max_bytes: int = 4 << 20
+    entries: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    bytes: int = 0
+    evictions: int = 0
+
+    def get(self, key: str) -> Any:
+        found = self.entries.get(key)
+        if found is not None:
+            self.entries.move_to_end(key)
+        return found
+
+    def put(self, key: str, grammar: Any) -> None:
+        if len(key) > self.max_bytes:
+            return  # larger than the whole cache: compiled for this call only
+        self.entries[key] = grammar
+        self.bytes += len(key)
+        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+            old, _ = self.entries.popitem(last=False)
+            self.bytes -= len(old)
+            self.evictions += 1
+
+
+def grammar_cache_stats() -> tuple[int, int, int]:
+    """(entries, bytes of schema text, evictions) over every loaded model of this process."""
+    with _instances_lock:
+        caches = [inst.grammars for inst in _instances.values()]
+    return (
+        sum(len(c.entries) for c in caches),
+        sum(c.bytes for c in caches),
+        sum(c.evictions for c in caches),
+    )
+
+
+class FreeCores:
+    """How many cores other processes leave free, from the machine's CPU time over the last
+    moment less this process's own: llama.cpp's threads wait on each other at every barrier, so
+    a thread on a core another program holds slows every token (two threads with one core taken
+    ran a 1.5B model slower than one thread alone)."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.cores = os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._busy = self._own = 0.0
+        self._free = self.cores
+
+    def __call__(self) -> int:
+        import psutil
+
+        now = time.monotonic()
+        with self._lock:
+            if now - self._at < self.every_s:
+                return self._free
+            times = psutil.cpu_times()
+            busy = sum(times) - times.idle - getattr(times, "iowait", 0.0)
+            own = sum(psutil.Process().cpu_times()[:2])
+            if self._at:
+                wall = now - self._at
+                others = max(0.0, (busy - self._busy) - (own - self._own)) / wall
+                self._free = max(1, min(self.cores, round(self.cores - others)))
+            self._at, self._busy, self._own = now, busy, own
+            return self._free
+
+
+free_cores = FreeCores()
 
 
 # Loaded weights are a process resource (hundreds of MB each): one instance per file and
@@ -144,6 +219,7 @@ class LlamaCppModel(Model):
 
     async def load(self) -> None:
         """Load the weights now rather than on the first call."""
+        free_cores()  # the first reading: the next ones measure from here
         await self._submit(lambda: self._loaded())
 
     def _loaded(self) -> Any:
@@ -195,16 +271,18 @@ class LlamaCppModel(Model):
         # order the caller wants them generated in (a reason after the verdict it explains).
         key = json.dumps(request.json_schema) if request.json_schema else ""
         grammars = self._instance.grammars
-        if key not in grammars:
+        grammar = grammars.get(key)
+        if grammar is None:
             try:
-                grammars[key] = (
+                grammar = (
                     LlamaGrammar.from_json_schema(key, verbose=False)
                     if key
                     else LlamaGrammar.from_string(JSON_GBNF, verbose=False)
                 )
             except Exception as exc:  # the converter raises bare exceptions on bad schemas
                 raise InvalidRequestError(f"unsupported JSON schema: {exc}") from exc
-        return grammars[key]
+            grammars.put(key, grammar)
+        return grammar
 
     # -- running on the worker thread ----------------------------------------------------------
 
@@ -244,6 +322,8 @@ class LlamaCppModel(Model):
                 self.id, len(prompt), request.max_tokens, self.card.context
             )
         grammar = self._grammar(request)
+        threads = min(self._instance.key.threads, free_cores())
+        llama._ctx.set_n_threads(threads, threads)
         try:
             self._prefill(llama, prompt, cancelled, started, self._compute_cap(request))
         except _CapReached:

@@ -19,11 +19,13 @@ import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from shoal.errors import PipelineError
+
+OnDeadline = Literal["cheaper", "fallback", "skip"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class ModelStep:
     retries: int = 2
     fallback: str | None = None
     optional: bool = False
+    # When the time left cannot fit the step on its model (at the speeds it has shown lately),
+    # before it starts: run it on a cheaper model of the fleet, on its `fallback`, or (for an
+    # optional step) skip it.
+    on_deadline: OnDeadline = "cheaper"
 
     @property
     def produces(self) -> Any:
@@ -112,6 +118,12 @@ class Pipeline:
         names = [s.name for s in steps]
         for dup in sorted({n for n in names if names.count(n) > 1}):
             problems.append(f"step {dup!r} is defined twice")
+        for step in steps:
+            if isinstance(step, ModelStep):
+                if step.on_deadline == "fallback" and step.fallback is None:
+                    problems.append(f"step {step.name!r}: on_deadline fallback names no fallback")
+                if step.on_deadline == "skip" and not step.optional:
+                    problems.append(f"step {step.name!r}: only an optional step can be skipped")
         for clash in sorted(set(names) & set(self.inputs)):
             problems.append(f"step {clash!r} has the name of a pipeline input")
         known = set(self.inputs) | set(names)

@@ -19,9 +19,10 @@ import asyncio
 import inspect
 import json
 import logging
+import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -33,9 +34,11 @@ from shoal.errors import (
     DeadlineReachedError,
     OutputError,
     OutputTruncatedError,
+    OverloadedError,
     PipelineError,
     ShoalError,
     StepFailedError,
+    StepSkippedError,
 )
 from shoal.ledger import Account, Hold, to_usd
 from shoal.messages import ChatRequest, ChatResponse, Message
@@ -82,6 +85,7 @@ class StepOutcome(BaseModel):
     cached: int = 0
     wall_s: float = 0.0
     degraded: list[str] = []
+    skipped_for_time: bool = False
 
 
 class RunResult(BaseModel):
@@ -124,12 +128,30 @@ class Runner:
         cache: ResponseCache | None = None,
         concurrency: int = 8,
         backoff_s: float = 0.2,
+        backoff_cap_s: float = 10.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
+        """Retryable errors are retried after a random wait of up to `backoff_s`, doubled at
+        each attempt, never over `backoff_cap_s` ("full jitter"), or after the error's own
+        `retry_after_s` when it has one; never past the run's deadline. `sleep` and `jitter`
+        (a number in [0, 1)) are how the runner waits and draws."""
         self.caller = caller
         self.traces = traces
         self.cache = cache
         self.concurrency = concurrency
         self.backoff_s = backoff_s
+        self.backoff_cap_s = backoff_cap_s
+        self.sleep = sleep
+        self.jitter = jitter
+
+    def retry_delay(self, attempt: int, exc: ShoalError) -> float:
+        """How long to wait before retry number `attempt` (1, 2, ...) after `exc`."""
+        ceiling = min(self.backoff_cap_s, self.backoff_s * 2.0 ** (attempt - 1))
+        delay = self.jitter() * ceiling
+        if isinstance(exc, OverloadedError):  # the server said when it may have room
+            delay = max(delay, exc.retry_after_s)
+        return min(delay, self.backoff_cap_s)
 
     async def run(
         self,
@@ -220,7 +242,7 @@ class _Run:
         if self.stop_reason is None and failed:
             first = failed[0]
             self.stop_reason = f"step {first.name!r} failed: {first.error}"
-        if output_ready and all(o.status == "ok" for o in outcomes.values()):
+        if output_ready and all(o.status == "ok" or o.skipped_for_time for o in outcomes.values()):
             status: RunStatus = "ok"
         elif output_ready or self.budget_or_deadline_hit:
             status = "partial"  # an answer with gaps, or stopped by money or time
@@ -297,6 +319,8 @@ class _Run:
                         aligned.append(None)
                     else:
                         aligned.append(result)
+                if results and all(isinstance(r, StepSkippedError) for r in results):
+                    raise StepSkippedError(f"step {name!r} skipped: too little time left")
                 if items and state.outcome.items_failed == len(items) and not step.optional:
                     raise StepFailedError(f"every item failed; the last: {state.outcome.error}")
                 self.values[name] = aligned
@@ -309,7 +333,11 @@ class _Run:
         except Exception as exc:
             state.outcome.error = f"{type(exc).__name__}: {exc}"
             self._note_stop(exc)
-            if step.optional:
+            if isinstance(exc, StepSkippedError):  # as its on_deadline says: not a failure
+                self.values[name] = None
+                state.outcome.status, state.outcome.error = "skipped", None
+                state.outcome.skipped_for_time = True
+            elif step.optional:
                 self.values[name] = None
                 state.outcome.status = "partial"
             else:
@@ -318,7 +346,10 @@ class _Run:
             state.outcome.wall_s = time.monotonic() - state.started
             self.on_event(
                 RunEvent(
-                    "step_done", name, items=len(items), detail={"status": state.outcome.status}
+                    "step_done",
+                    name,
+                    items=len(items),
+                    detail={"status": state.outcome.status, "degraded": state.outcome.degraded},
                 )
             )
 
@@ -376,7 +407,7 @@ class _Run:
             try:
                 response = self._cached(step, model, request, key)
                 if response is None:
-                    plan = self._fit(step, await self.runner.caller.plan(model, request))
+                    plan = await self._fit(step, await self.runner.caller.plan(model, request))
                     response = await self._call(step, plan, key)
             except OutputTruncatedError:
                 if attempt >= step.retries:
@@ -390,11 +421,15 @@ class _Run:
                 attempt += 1
                 request = _with_correction(request, exc)
                 continue
+            except StepSkippedError:
+                raise
             except ShoalError as exc:
                 if exc.retryable and attempt < step.retries:
-                    attempt += 1
-                    await asyncio.sleep(self.runner.backoff_s * 2 ** (attempt - 1))
-                    continue
+                    delay = self.runner.retry_delay(attempt + 1, exc)
+                    if delay < self.time_left():  # a wait past the deadline is no retry
+                        attempt += 1
+                        await self.runner.sleep(delay)
+                        continue
                 if step.fallback is not None and not fell_back:
                     outcome.degraded.append(
                         f"{model} failed ({type(exc).__name__}): fell back to {step.fallback}"
@@ -431,12 +466,26 @@ class _Run:
         """(fits the money left, fits the time left)."""
         return self.budget.fits(plan.worst_usd), plan.expected_s <= self.time_left()
 
-    def _fit(self, step: ModelStep, plan: CallPlan) -> CallPlan:
-        """`plan`, or the dearest cheaper stand-in that fits the budget and time left."""
+    async def _fit(self, step: ModelStep, plan: CallPlan) -> CallPlan:
+        """`plan`, or what the step does instead, before it starts, when the budget or the time
+        left cannot fit it: when time is short, what its `on_deadline` says (its fallback, or
+        skipping an optional step); else, or then, the dearest cheaper stand-in that fits."""
         money, time_ok = self._fits(plan)
         if money and time_ok:
             return plan
         low = "money" if not money else "time"
+        outcome = self.states[step.name].outcome
+        if not time_ok and step.on_deadline == "skip":
+            outcome.degraded.append(
+                f"skipped: {plan.name} expected to take {plan.expected_s:.1f} s, "
+                f"{self.time_left():.1f} s left"
+            )
+            raise StepSkippedError(f"step {step.name!r} skipped: too little time left")
+        if not time_ok and step.on_deadline == "fallback" and step.fallback is not None:
+            fallback = await self.runner.caller.plan(step.fallback, plan.request)
+            if all(self._fits(fallback)):
+                outcome.degraded.append(f"{plan.name} -> {fallback.name} (time running low)")
+                return fallback
         for stand_in in self.runner.caller.stand_ins(plan):
             if all(self._fits(stand_in)):
                 self.states[step.name].outcome.degraded.append(

@@ -48,6 +48,7 @@ class ModelStepSpec(_Spec):
     retries: int = Field(default=2, ge=0)
     fallback: str | None = None
     optional: bool = False
+    on_deadline: Literal["cheaper", "fallback", "skip"] = "cheaper"
 
 
 class PythonStepSpec(_Spec):
@@ -104,6 +105,7 @@ def to_spec(pipeline: Pipeline) -> PipelineSpec:
                     retries=step.retries,
                     fallback=step.fallback,
                     optional=step.optional,
+                    on_deadline=step.on_deadline,
                 )
             )
         else:

@@ -83,7 +83,8 @@ class LatencySLORouter(Router):
     """Only models whose p95 latency fits the deadline; among them, `inner` chooses.
 
     Unknown latency counts as not fitting. When no model fits, the fastest known one is chosen
-    and the decision says the deadline is not met (`target_met=False`), never a silent pick.
+    (the first listed when none has a measured latency) and the decision says the deadline is
+    not met (`target_met=False`), never a silent pick.
     """
 
     def __init__(self, inner: Router, deadline_s: float) -> None:
@@ -128,15 +129,15 @@ class LatencySLORouter(Router):
             if (p95 := stats.get(c.id, ModelStats()).latency_p95_s) is not None
         ]
         if not known:
-            fastest = candidates[0].id
-            why = "no model has a measured latency"
+            chosen = candidates[0].id
+            why = f"no model has a measured latency; chose the first listed, {chosen}"
         else:
-            fastest = min(known)[1]
-            why = f"no model's p95 latency fits {self.deadline_s:g} s"
+            chosen = min(known)[1]
+            why = f"no model's p95 latency fits {self.deadline_s:g} s; chose the fastest, {chosen}"
         return RouteDecision(
             route=self.name,
-            models=(fastest,),
-            reason=f"{why}; chose the fastest, {fastest} (deadline NOT met)",
+            models=(chosen,),
+            reason=f"{why} (deadline NOT met)",
             estimates=tuple(_estimate(c, stats, eligible=False) for c in candidates),
             target_met=False,
         )

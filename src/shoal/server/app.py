@@ -72,14 +72,15 @@ def create_app(
     """The server for `engine`. It runs `pipelines` by name (by default the rental pipeline,
     its routes registered on `engine`), at most `max_runs` at once, and keeps the last
     `keep_runs` finished runs readable. With `close_engine`, the app closes the engine when it
-    stops (the command line hands it over); otherwise the caller keeps it."""
+    stops (the command line hands it over); otherwise the caller keeps it. With API keys, the
+    app holds its keys file from now until it stops: `KeysInUseError` if another server does."""
     settings = settings or ServerSettings()
     if pipelines is None:
         pipelines = default_pipelines(engine)
     runs = RunBook(pipelines, max_runs=max_runs, keep_runs=keep_runs)
     keys = None
     if settings.auth:
-        keys = KeyStore(settings.keys_path or engine.fleet.cache_dir / KEYS_FILE)
+        keys = KeyStore(settings.keys_path or engine.fleet.cache_dir / KEYS_FILE, serving=True)
     state = ServerState(engine=engine, settings=settings, keys=keys, metrics=Metrics(), runs=runs)
 
     @asynccontextmanager

@@ -14,8 +14,16 @@ short), the same figure its trace records; a call is never charged less than it 
 Settled charges reach the file in batches, `FLUSH_AFTER_S` after they settle (reads through
 the store write them first); a killed server loses at most that last moment of charges, never
 a reservation's protection (budgets are enforced in memory, as calls settle).
-One server process owns a keys file's reservations. A key created, revoked or re-budgeted
-from the command line while the server runs takes effect there within `REFRESH_S` seconds.
+
+Since budgets live in memory, one server process owns a keys file: a store opened to serve
+(`KeyStore(path, serving=True)`) takes an exclusive lock on `<keys file>.lock` for its life,
+and a second server on the same file fails at startup with `KeysInUseError` naming the process
+that holds it. The lock is the operating system's (`flock`): it dies with its process, however
+that process ends. The command line's `shoal keys ...` opens the file without the lock, so keys
+can be created, revoked and re-budgeted while the server runs; the server sees any change on its
+next request (SQLite's `data_version` tells it, for a few microseconds, that another
+connection committed) and reloads the keys it holds, keeping the money their calls in flight
+hold.
 """
 
 from __future__ import annotations
@@ -23,25 +31,49 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import EllipsisType
 
 from pydantic import BaseModel, ConfigDict
 
-from shoal.errors import AuthenticationError, RateLimitedError
+from shoal.errors import AuthenticationError, ConfigError, KeysInUseError, RateLimitedError
 from shoal.ledger import Account, Hold, to_pico, to_usd
 from shoal.storage import open_sqlite
+
+if sys.platform == "win32":
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except PermissionError:
+            return False
+        return True
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "sk-shoal-"
-REFRESH_S = 5.0
 FLUSH_AFTER_S = 0.05
+LOCK_SUFFIX = ".lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -82,24 +114,37 @@ class KeyRecord(BaseModel):
 @dataclass
 class KeyState:
     """A key's live state in the server: its ledger account (budget, settled spend, holds of
-    calls in flight) and its rate-limit bucket."""
+    calls in flight) and its rate-limit bucket. `version` is the store's count of changes to
+    the keys file when the state was read from it."""
 
     id: str
     name: str
     account: Account
     rpm: int | None
     revoked: bool
-    loaded_at: float
+    version: int
     tokens: float = 0.0
     tokens_at: float = field(default_factory=time.monotonic)
 
 
 class KeyStore:
-    def __init__(self, path: str | Path) -> None:
+    """A keys file. Opened with `serving`, it is the one server's: it holds the file's lock (or
+    raises `KeysInUseError`) until `close()`."""
+
+    def __init__(self, path: str | Path, *, serving: bool = False) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = open_sqlite(path, _SCHEMA)
+        self._owner = _take_lock(self.path) if serving and str(path) != ":memory:" else None
+        try:
+            self._db = open_sqlite(path, _SCHEMA)
+        except BaseException:
+            self._release()
+            raise
         self._live: dict[str, KeyState] = {}
+        # Changes other connections (the command line) committed to the file, as far as the
+        # server has seen them: key states read before the last change are read again.
+        self._data_version = self._read_data_version()
+        self._version = 0
         # Settled charges are written in one transaction FLUSH_AFTER_S after the first of them,
         # never on a request's path (a commit is 30-150 µs, and now and then a checkpoint much
         # more). Reads write them first.
@@ -111,6 +156,12 @@ class KeyStore:
         self.flush()
         with self._lock:
             self._db.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._owner is not None:
+            os.close(self._owner)  # closing the descriptor releases its lock
+            self._owner = None
 
     def flush(self) -> None:
         """Write every settled charge not written yet."""
@@ -187,6 +238,38 @@ class KeyStore:
             cursor = self._db.execute("UPDATE keys SET revoked = 1 WHERE name = ?", (name,))
         return cursor.rowcount > 0
 
+    def update(
+        self,
+        name: str,
+        *,
+        budget_usd: float | EllipsisType | None = ...,
+        rpm: int | EllipsisType | None = ...,
+        reset_spend: bool = False,
+    ) -> KeyRecord | None:
+        """Change a key's budget or rate limit (`None`: none; `...`: unchanged), and with
+        `reset_spend` start its spend from zero. Returns the key's record, or None when no key
+        has that name. A running server sees the change on the key's next request."""
+        if isinstance(budget_usd, float | int) and budget_usd < 0:
+            raise ValueError("a budget cannot be negative")
+        if isinstance(rpm, int) and rpm < 1:
+            raise ValueError("rpm must be at least 1")
+        changes: list[tuple[str, object]] = []
+        if not isinstance(budget_usd, EllipsisType):
+            changes.append(("budget_pusd", None if budget_usd is None else to_pico(budget_usd)))
+        if not isinstance(rpm, EllipsisType):
+            changes.append(("rpm", rpm))
+        if reset_spend:
+            changes.append(("spent_pusd", 0))
+        self.flush()  # charges settled here are counted before a reset
+        with self._lock:
+            if changes:
+                columns = ", ".join(f"{column} = ?" for column, _ in changes)
+                self._db.execute(
+                    f"UPDATE keys SET {columns} WHERE name = ?",
+                    (*(value for _, value in changes), name),
+                )
+        return self.record(name)
+
     def records(self) -> list[KeyRecord]:
         self.flush()
         with self._lock:
@@ -217,15 +300,24 @@ class KeyStore:
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
         digest = hash_key(key)
+        data_version = self._read_data_version()
+        if data_version != self._data_version:  # the file changed: states held are read again
+            self._data_version = data_version
+            self._version += 1
         state = self._live.get(digest)
-        now = time.monotonic()
-        if state is None or now - state.loaded_at > REFRESH_S:
-            state = self._load(digest, state, now)
+        if state is None or state.version != self._version:
+            state = self._load(digest, state)
         if state is None or state.revoked:
             raise AuthenticationError("invalid API key")
         return state
 
-    def _load(self, digest: str, known: KeyState | None, now: float) -> KeyState | None:
+    def _read_data_version(self) -> int:
+        with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        assert isinstance(version, int)
+        return version
+
+    def _load(self, digest: str, known: KeyState | None) -> KeyState | None:
         self.flush()  # the spend read back must include every charge settled here
         with self._lock:
             row = self._db.execute(
@@ -236,6 +328,7 @@ class KeyStore:
             self._live.pop(digest, None)
             return None
         key_id, name, budget, spent, rpm, revoked = row
+        now = time.monotonic()
         if known is None:
             account = Account(f"key {name!r}", budget, spent)
             account.on_charge = lambda pusd: self._charge(key_id, pusd)
@@ -245,13 +338,17 @@ class KeyStore:
                 account=account,
                 rpm=rpm,
                 revoked=bool(revoked),
-                loaded_at=now,
+                version=self._version,
                 tokens=float(rpm or 0),
+                tokens_at=now,
             )
             self._live[digest] = known
         else:
+            # The account object stays: the money its calls in flight hold stays held.
             known.account.limit_pusd, known.account.spent_pusd = budget, spent
-            known.rpm, known.revoked, known.loaded_at = rpm, bool(revoked), now
+            if rpm is not None and known.rpm is None:  # a new rate limit starts with a full bucket
+                known.tokens, known.tokens_at = float(rpm), now
+            known.rpm, known.revoked, known.version = rpm, bool(revoked), self._version
         return known
 
     def admit(self, key: KeyState) -> None:
@@ -279,6 +376,42 @@ class KeyStore:
     def overrun_pusd(self) -> int:
         """What calls cost past their holds, over every key seen (charged all the same)."""
         return sum(state.account.overrun_pusd for state in self._live.values())
+
+
+def _take_lock(path: Path) -> int:
+    """Lock `path`'s lock file for this process (its pid written in it), or raise
+    `KeysInUseError` naming the process that holds it. Returns the descriptor to close."""
+    lock_path = path.with_name(path.name + LOCK_SUFFIX)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"cannot open the lock of the keys file {path}: {exc}") from exc
+    try:
+        locked = _try_lock(fd)
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            return fd
+        holder = _read_pid(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot lock the keys file {path} ({lock_path}): {exc}") from exc
+    os.close(fd)
+    who = f"another server (pid {holder})" if holder else "another server"
+    raise KeysInUseError(
+        f"the keys file {path} is already served by {who}, which holds {lock_path}; "
+        "one server per keys file: stop that one, or serve another file (--keys)"
+    )
+
+
+def _read_pid(fd: int) -> str:
+    """The pid the lock's holder wrote, or "" when it cannot be read (not written yet)."""
+    try:
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _record(row: tuple[object, ...]) -> KeyRecord:

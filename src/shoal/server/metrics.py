@@ -1,5 +1,5 @@
-"""Prometheus metrics in the text exposition format, kept in plain dicts (an increment is a dict
-update; rendering walks them once per scrape).
+"""Prometheus metrics, kept by `prometheus_client` in a registry of the app's own (several apps
+coexist in one process; nothing is registered at module level):
 
     shoal_requests_total{name,route,model,status}      completion requests, by outcome
     shoal_tokens_total{route,model,kind}                prompt and completion tokens
@@ -9,6 +9,9 @@ update; rendering walks them once per scrape).
     shoal_requests_in_flight                            completions being answered now
     shoal_http_errors_total{status,code}                every error answer, before or after a call
     shoal_key_overrun_usd_total                         cost past what calls held (charged)
+    shoal_grammar_cache_entries, _schema_bytes          compiled JSON grammars kept (bounded)
+    shoal_grammar_cache_evictions_total                 grammars dropped to keep the bound
+    process_*                                           the server process: CPU, memory, files
 
 `name` is what the client asked for (a model id or a route name), `route` the route ("" for a
 direct model call), `model` the model that answered ("" when none did).
@@ -16,43 +19,99 @@ direct model call), `model` the model that answered ("" when none did).
 
 from __future__ import annotations
 
-from bisect import bisect_left
-from collections import defaultdict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.registry import Collector
+
+from shoal.models.llamacpp import grammar_cache_stats
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 LATENCY_BUCKETS += (1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _Overrun(Collector):
+    """`shoal_key_overrun_usd_total`, read from the figure the server last set at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "shoal_key_overrun_usd",
+            "Cost past what calls held, charged.",
+            value=self.metrics.overrun_usd,
+        )
 
 
-def _labels(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    return ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+class _Grammars(Collector):
+    """The compiled-grammar caches of the local models in this process, read at scrape time."""
 
-
-class Histogram:
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, value)] += 1
-        self.total += value
+    def collect(self) -> Iterator[Metric]:
+        entries, size, evictions = grammar_cache_stats()
+        yield GaugeMetricFamily(
+            "shoal_grammar_cache_entries", "Compiled JSON grammars kept.", value=entries
+        )
+        yield GaugeMetricFamily(
+            "shoal_grammar_cache_schema_bytes",
+            "Bytes of JSON schema behind the grammars kept (the cache's bound).",
+            value=size,
+        )
+        yield CounterMetricFamily(
+            "shoal_grammar_cache_evictions",
+            "Grammars dropped, least recently used first, to keep the cache bounded.",
+            value=evictions,
+        )
 
 
 class Metrics:
+    """The server's metrics. `request`, `decision` and `error` count; `in_flight` and
+    `overrun_usd` are figures the server sets; `render` and `exposition` write them out."""
+
     def __init__(self) -> None:
-        self.requests: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
-        self.tokens: defaultdict[tuple[str, str, str], int] = defaultdict(int)
-        self.cost: defaultdict[tuple[str, str], float] = defaultdict(float)
-        self.latency: dict[tuple[str, str], Histogram] = {}
-        self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
-        self.errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self._requests = Counter(
+            "shoal_requests",
+            "Completion requests, by outcome.",
+            ("name", "route", "model", "status"),
+            registry=r,
+        )
+        self._tokens = Counter(
+            "shoal_tokens", "Prompt and completion tokens.", ("route", "model", "kind"), registry=r
+        )
+        self._cost = Counter(
+            "shoal_cost_usd", "Cost of answered calls, USD.", ("route", "model"), registry=r
+        )
+        self._latency = Histogram(
+            "shoal_request_latency_seconds",
+            "Completion latency, request to end.",
+            ("name", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._decisions = Counter(
+            "shoal_route_decisions",
+            "Models chosen by each route.",
+            ("route", "model", "target_met"),
+            registry=r,
+        )
+        self._errors = Counter(
+            "shoal_http_errors",
+            "Error answers, by status and code.",
+            ("status", "code"),
+            registry=r,
+        )
         self.in_flight = 0
+        Gauge(
+            "shoal_requests_in_flight", "Completions being answered now.", registry=r
+        ).set_function(lambda: self.in_flight)
         self.overrun_usd = 0.0
+        r.register(_Overrun(self))
+        r.register(_Grammars())
+        ProcessCollector(registry=r)
 
     def request(
         self,
@@ -68,61 +127,31 @@ class Metrics:
     ) -> None:
         route = route or ""
         model = model or ""
-        self.requests[(name, route, model, status)] += 1
+        self._requests.labels(name, route, model, status).inc()
         if input_tokens or output_tokens:
-            self.tokens[(route, model, "input")] += input_tokens
-            self.tokens[(route, model, "output")] += output_tokens
+            self._tokens.labels(route, model, "input").inc(input_tokens)
+            self._tokens.labels(route, model, "output").inc(output_tokens)
         if cost_usd:
-            self.cost[(route, model)] += cost_usd
-        histogram = self.latency.get((name, route))
-        if histogram is None:
-            histogram = self.latency[(name, route)] = Histogram()
-        histogram.observe(latency_s)
+            self._cost.labels(route, model).inc(cost_usd)
+        self._latency.labels(name, route).observe(latency_s)
 
     def error(self, *, status: int, code: str) -> None:
-        self.errors[(str(status), code)] += 1
+        self._errors.labels(str(status), code).inc()
 
     def decision(self, *, route: str, model: str, target_met: bool) -> None:
-        self.decisions[(route, model, "true" if target_met else "false")] += 1
+        self._decisions.labels(route, model, "true" if target_met else "false").inc()
+
+    def sample(self, metric: str, /, **labels: str) -> float:
+        """One sample's value (0 when it was never counted):
+        `sample("shoal_requests_total", name="x", route="", model="", status="ok")`."""
+        return self.registry.get_sample_value(metric, labels) or 0.0
 
     def render(self) -> str:
-        lines: list[str] = []
+        """The Prometheus text format (version 0.0.4)."""
+        return generate_latest(self.registry).decode("utf-8")
 
-        def family(name: str, kind: str, text: str) -> None:
-            lines.append(f"# HELP {name} {text}")
-            lines.append(f"# TYPE {name} {kind}")
-
-        def samples(name: str, label_names: tuple[str, ...], items: Iterable[Any]) -> None:
-            for values, number in items:
-                lines.append(f"{name}{{{_labels(label_names, values)}}} {number!r}")
-
-        family("shoal_requests_total", "counter", "Completion requests, by outcome.")
-        samples("shoal_requests_total", ("name", "route", "model", "status"), self.requests.items())
-        family("shoal_tokens_total", "counter", "Prompt and completion tokens.")
-        samples("shoal_tokens_total", ("route", "model", "kind"), self.tokens.items())
-        family("shoal_cost_usd_total", "counter", "Cost of answered calls, USD.")
-        samples("shoal_cost_usd_total", ("route", "model"), self.cost.items())
-        family("shoal_request_latency_seconds", "histogram", "Completion latency, request to end.")
-        for (name, route), histogram in self.latency.items():
-            labels = _labels(("name", "route"), (name, route))
-            cumulative = 0
-            for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=False):
-                cumulative += count
-                lines.append(
-                    f'shoal_request_latency_seconds_bucket{{{labels},le="{bound!r}"}} {cumulative}'
-                )
-            cumulative += histogram.counts[-1]
-            lines.append(f'shoal_request_latency_seconds_bucket{{{labels},le="+Inf"}} {cumulative}')
-            lines.append(f"shoal_request_latency_seconds_sum{{{labels}}} {histogram.total!r}")
-            lines.append(f"shoal_request_latency_seconds_count{{{labels}}} {cumulative}")
-        family("shoal_route_decisions_total", "counter", "Models chosen by each route.")
-        samples(
-            "shoal_route_decisions_total", ("route", "model", "target_met"), self.decisions.items()
-        )
-        family("shoal_http_errors_total", "counter", "Error answers, by status and code.")
-        samples("shoal_http_errors_total", ("status", "code"), self.errors.items())
-        family("shoal_requests_in_flight", "gauge", "Completions being answered now.")
-        lines.append(f"shoal_requests_in_flight {self.in_flight}")
-        family("shoal_key_overrun_usd_total", "counter", "Cost past what calls held, charged.")
-        lines.append(f"shoal_key_overrun_usd_total {self.overrun_usd!r}")
-        return "\n".join(lines) + "\n"
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The body and content type a scraper's `Accept` header asks for (Prometheus text by
+        default, OpenMetrics when asked)."""
+        encode, content_type = choose_encoder(accept or "")
+        return encode(self.registry), content_type

@@ -124,7 +124,9 @@ def _run_paths(
     }
 
 
-def openapi_spec(*, names: list[str], auth: bool, pipelines: Sequence[str] = ()) -> dict[str, Any]:
+def openapi_spec(
+    *, names: list[str], auth: bool, pipelines: Sequence[str] = (), metrics_auth: bool = False
+) -> dict[str, Any]:
     schemas = copy.deepcopy(_schemas())
     model_field = schemas["ChatCompletionRequest"]["properties"]["model"]
     model_field["examples"] = names
@@ -186,11 +188,16 @@ def openapi_spec(*, names: list[str], auth: bool, pipelines: Sequence[str] = ())
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
+                    "security": security if metrics_auth else [],
                     "responses": {
                         "200": {
-                            "description": "Prometheus text exposition",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
+                            "description": "Prometheus text exposition (OpenMetrics on request)",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **({"401": _error(_ERRORS["401"])} if metrics_auth else {}),
                     },
                 }
             },

@@ -25,7 +25,7 @@ engine's stream is closed, which stops a local model between two tokens.
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import logging
 import time
@@ -67,6 +67,13 @@ from shoal.server.state import ServerState
 
 log = logging.getLogger(__name__)
 
+# How long a stream waits for its first event before sending its headers (a failure by then is
+# an HTTP error status; after, an error event), and how often a silent stream says it is alive.
+FIRST_EVENT_GRACE_S = 0.25
+KEEP_ALIVE_S = 2.0
+# Bodies larger than this are parsed in a worker thread.
+LARGE_BODY_BYTES = 64 * 1024
+
 
 # -- reading the request -------------------------------------------------------------------------
 
@@ -80,14 +87,21 @@ def parse_request(body: bytes) -> tuple[ChatCompletionRequest, ChatRequest]:
         chat = to_chat_request(wire)
     except ValidationError as exc:
         raise request_error(exc, what="chat request") from None
-    if chat.json_schema is not None:
-        _check_schema(chat.json_schema)
     return wire, chat
 
 
-def _check_schema(schema: dict[str, Any]) -> None:
-    """A JSON schema must be valid and self-contained (no reference leaves the document)."""
+def check_schema(schema: dict[str, Any], limit: int) -> None:
+    """A JSON schema must be at most `limit` bytes of JSON, valid, and self-contained (no
+    reference leaves the document). Checking a large schema takes seconds of CPU: the server
+    calls this off the event loop, after the key's rate limit and budget let the call in."""
     param = "response_format.json_schema.schema"
+    size = len(json.dumps(schema, separators=(",", ":")))
+    if size > limit:
+        raise MalformedRequestError(
+            f"the JSON schema is {size} bytes, over the limit of {limit} bytes "
+            "(response_format.json_schema)",
+            param=param,
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -185,14 +199,24 @@ class Call:
 async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     key = state.keys.authenticate(request.headers.get("authorization")) if state.keys else None
+    if key is not None and state.keys is not None:
+        state.keys.admit(key)  # the rate limit, before any work on the body
     body = await read_body(request, state.settings.max_body_bytes)
-    wire, chat = parse_request(body)
+    if len(body) > LARGE_BODY_BYTES:  # parsing a large body takes milliseconds: off the loop
+        wire, chat = await asyncio.to_thread(parse_request, body)
+    else:
+        wire, chat = parse_request(body)
     plan = await state.engine.plan(wire.model, chat)
     if key is not None and state.keys is not None:
-        state.keys.admit(key)
         hold = state.keys.reserve(key, plan.worst_usd)
     else:  # no keys: the call is still capped at its worst case and its charge measured
         hold = Account("unmetered").reserve(plan.worst_usd)
+    if chat.json_schema is not None:
+        try:
+            await asyncio.to_thread(check_schema, chat.json_schema, state.settings.max_schema_bytes)
+        except BaseException:
+            hold.release()
+            raise
     call = Call(state, plan, hold)
     if wire.stream:
         return await _stream(request, call, wire)
@@ -228,15 +252,19 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> Response:
-    """Start the stream and wait for its first event, so that a call that fails before its
-    first token (overload, context window, unknown schema) gets its HTTP status."""
+    """Start the stream and wait a moment for its first event, so that a call that fails at
+    once (overload, context window, unknown schema) gets its HTTP status; a call that is still
+    working after `FIRST_EVENT_GRACE_S` gets its headers and keep-alive comments instead."""
     state, plan = call.state, call.plan
     events = cast("AsyncGenerator[StreamEvent, None]", state.engine.stream(plan, hold=call.hold))
     call.begin()
+    pending: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
     try:
-        first = await unless_gone(request.receive, anext(events))
+        await unless_gone(request.receive, asyncio.wait({pending}, timeout=FIRST_EVENT_GRACE_S))
+        if pending.done():
+            pending.result()  # a failure before the first event is an HTTP error
     except ClientGone:
-        await events.aclose()
+        await _close(pending, events)
         call.end("cancelled")
         return Response(status_code=499)
     except StopAsyncIteration:
@@ -246,7 +274,7 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
         call.failed(exc)
         raise
     except BaseException:
-        await events.aclose()
+        await _close(pending, events)
         call.end("cancelled")
         raise
     writer = ChunkWriter(
@@ -260,32 +288,47 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
     headers = {"x-shoal-route": route_header(plan.route, None)}
     if plan.route is None:
         headers["x-shoal-model"] = plan.name
-    return EventStreamResponse(_events(call, events, first, writer), headers=headers)
+    return EventStreamResponse(_events(call, events, pending, writer), headers=headers)
+
+
+async def _close(
+    pending: asyncio.Future[StreamEvent], events: AsyncGenerator[StreamEvent, None]
+) -> None:
+    """Stop a stream whose next event is awaited (the engine settles what it did)."""
+    if not pending.done():
+        pending.cancel()
+    await asyncio.gather(pending, return_exceptions=True)
+    await events.aclose()
 
 
 async def _events(
     call: Call,
     events: AsyncGenerator[StreamEvent, None],
-    first: StreamEvent,
+    pending: asyncio.Future[StreamEvent],
     writer: ChunkWriter,
 ) -> AsyncGenerator[bytes, None]:
-    """The stream's bytes; the call ends however the stream does (answered, failed, left)."""
+    """The stream's bytes, with a keep-alive comment at once when the first event is not ready
+    and every `KEEP_ALIVE_S` of silence after; the call ends however the stream does
+    (answered, failed, left)."""
     try:
-        async with contextlib.aclosing(events):
-            event = first
-            while True:
-                if isinstance(event, TextDelta | Completed):
-                    for chunk in writer.chunks(event):
-                        yield sse.encode(sse.Data(chunk))
-                if isinstance(event, Completed):
-                    call.end("ok", event.response)
-                    break
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    raise BackendError(
-                        f"{call.plan.name}: the stream ended without its answer"
-                    ) from None
+        if not pending.done():
+            yield sse.KEEP_ALIVE_BYTES
+        while True:
+            while not (await asyncio.wait({pending}, timeout=KEEP_ALIVE_S))[0]:
+                yield sse.KEEP_ALIVE_BYTES
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                raise BackendError(
+                    f"{call.plan.name}: the stream ended without its answer"
+                ) from None
+            if isinstance(event, TextDelta | Completed):
+                for chunk in writer.chunks(event):
+                    yield sse.encode(sse.Data(chunk))
+            if isinstance(event, Completed):
+                call.end("ok", event.response)
+                break
+            pending = asyncio.ensure_future(anext(events))
         yield sse.DONE_BYTES
     except Exception as exc:  # after the first byte, an error can only be an event
         if not isinstance(exc, ShoalError):
@@ -294,6 +337,7 @@ async def _events(
         yield sse.encode(sse.Failure(error_reply(exc).body))
         yield sse.DONE_BYTES
     finally:
+        await _close(pending, events)
         call.end("cancelled")  # the client left, or the server is shutting down
 
 
@@ -327,15 +371,21 @@ async def healthz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
+    if state.keys is not None and state.settings.metrics_auth:
+        state.keys.authenticate(request.headers.get("authorization"))
     if state.keys is not None:
         state.metrics.overrun_usd = to_usd(state.keys.overrun_pusd)
-    return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    body, media_type = state.metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=media_type)
 
 
 async def openapi(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     spec = openapi_spec(
-        names=state.engine.names, auth=state.keys is not None, pipelines=list(state.runs.pipelines)
+        names=state.engine.names,
+        auth=state.keys is not None,
+        pipelines=list(state.runs.pipelines),
+        metrics_auth=state.keys is not None and state.settings.metrics_auth,
     )
     return JSONResponse(spec)
 

@@ -35,6 +35,9 @@ class Done:
 Event = Data | Failure | Done
 
 DONE_BYTES = b"data: [DONE]\n\n"
+# A comment line: clients ignore it; it tells them, and any proxy between, that the stream is
+# alive while a model evaluates a long prompt or a cascade judges an earlier answer.
+KEEP_ALIVE_BYTES = b": waiting for the model\n\n"
 
 
 def encode(event: Event) -> bytes:

@@ -1,0 +1,102 @@
+"""Live speeds: how fast each model has actually been answering on this machine, lately.
+
+A card's speeds were measured once, on an idle machine (`shoal models bench`), or are only
+expected. A laptop with another program on one core runs a model at half that speed, and a
+deadline planned on the card's figures is then missed. `LiveSpeeds` keeps, per model, a moving
+average of the prompt speed, the generation speed and the time calls waited in the model's
+queue, from every call that completes, and the engine plans with them (`ModelCard.Speed`).
+
+The figures persist (a small JSON file next to the traces), so a new process plans with the
+last known speeds instead of the idle ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from shoal.cards import Speed
+from shoal.messages import ChatResponse
+
+log = logging.getLogger(__name__)
+
+# Weight of the newest call in the moving averages: the last five or so calls dominate.
+NEW_WEIGHT = 0.3
+# Prompts shorter than this say little about prompt speed (fixed costs dominate).
+MIN_PROMPT_TOKENS = 16
+MIN_OUTPUT_TOKENS = 4
+SAVE_EVERY = 20
+
+
+class LiveSpeeds:
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._speeds: dict[str, Speed] = {}
+        self._lock = threading.Lock()
+        self._unsaved = 0
+        if self.path is not None and self.path.is_file():
+            self._load(self.path)
+
+    def get(self, model: str) -> Speed | None:
+        return self._speeds.get(model)
+
+    def observe(self, response: ChatResponse) -> None:
+        """Fold one completed call of a local model into its model's averages."""
+        usage, compute = response.usage, response.compute_s
+        ttft = response.ttft_s
+        if compute <= 0 or ttft is None or ttft <= 0:
+            return
+        prompt = usage.input_tokens / ttft if usage.input_tokens >= MIN_PROMPT_TOKENS else None
+        generating = compute - ttft
+        gen = (
+            (usage.output_tokens - 1) / generating
+            if usage.output_tokens >= MIN_OUTPUT_TOKENS and generating > 0
+            else None
+        )
+        wait = max(response.latency_s - compute, 0.0)
+        with self._lock:
+            old = self._speeds.get(response.model)
+            self._speeds[response.model] = Speed(
+                prompt_tok_s=_mix(old.prompt_tok_s if old else None, prompt),
+                gen_tok_s=_mix(old.gen_tok_s if old else None, gen),
+                wait_s=_mix(old.wait_s if old else None, wait) or 0.0,
+            )
+            self._unsaved += 1
+            due = self._unsaved >= SAVE_EVERY
+        if due:
+            self.save()
+
+    def save(self) -> None:
+        """Write the averages (atomically; a failure is logged, never raised)."""
+        if self.path is None:
+            return
+        with self._lock:
+            data = {m: s._asdict() for m, s in self._speeds.items()}
+            self._unsaved = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".speeds-")
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                json.dump(data, out)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("could not save live speeds to %s: %s", self.path, exc)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            self._speeds = {m: Speed(**s) for m, s in data.items()}
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring unreadable live speeds in %s: %s", path, exc)
+
+
+def _mix(old: float | None, new: float | None) -> float | None:
+    if new is None:
+        return old
+    if old is None:
+        return new
+    return (1 - NEW_WEIGHT) * old + NEW_WEIGHT * new
