@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -372,10 +373,10 @@ def test_threads_follow_the_cores_other_programs_leave_free(
             return own(clock["own"], 0.0, 0.0, 0.0)
 
     monkeypatch.setattr(psutil, "Process", Me)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
     cores = FreeCores(every_s=1.0)
     cores.cores = 4
-    cores._free = 4
-    assert cores() == 4  # the first reading: nothing to compare with yet
+    assert cores() == 3  # the first reading: the load over the last minute
     clock.update(now=102.0, busy=4.0, own=2.0)  # others used one core for two seconds
     assert cores() == 3
     clock.update(now=102.5, busy=100.0)  # within `every_s`: the last answer stands

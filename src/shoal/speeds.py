@@ -36,6 +36,7 @@ class LiveSpeeds:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._speeds: dict[str, Speed] = {}
+        self._warm: set[str] = set()
         self._lock = threading.Lock()
         self._unsaved = 0
         if self.path is not None and self.path.is_file():
@@ -45,7 +46,12 @@ class LiveSpeeds:
         return self._speeds.get(model)
 
     def observe(self, response: ChatResponse) -> None:
-        """Fold one completed call of a local model into its model's averages."""
+        """Fold one completed call into its model's averages. A model's first call in a process
+        is left out: it pays for reading the weights from disk, which later calls do not."""
+        with self._lock:
+            if response.model not in self._warm:
+                self._warm.add(response.model)
+                return
         usage, compute = response.usage, response.compute_s
         ttft = response.ttft_s
         if compute <= 0 or ttft is None or ttft <= 0:

@@ -166,7 +166,9 @@ class FreeCores:
             if self._at:
                 wall = now - self._at
                 others = max(0.0, (busy - self._busy) - (own - self._own)) / wall
-                self._free = max(1, min(self.cores, round(self.cores - others)))
+            else:  # the first reading: the machine's load over the last minute
+                others = os.getloadavg()[0]
+            self._free = max(1, min(self.cores, round(self.cores - others)))
             self._at, self._busy, self._own = now, busy, own
             return self._free
 
