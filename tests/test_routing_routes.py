@@ -63,9 +63,16 @@ def test_latency_slo_keeps_only_models_that_fit_the_deadline() -> None:
         "unknown": ModelStats(),
     }
     router = LatencySLORouter(FallbackRouter(["slow", "fast"]), deadline_s=1.0)
-    # The inner chain names 'slow', which the SLO removed: the chain then lacks it.
-    with pytest.raises(UnknownModelError):
-        router.choose(REQUEST, cards("fast", "slow", "unknown"), stats)
+    # The chain keeps, in its order, the models the deadline leaves.
+    assert router.choose(REQUEST, cards("fast", "slow", "unknown"), stats).models == ("fast",)
+    chain = LatencySLORouter(FallbackRouter(["slow", "unknown"]), deadline_s=1.0)
+    with pytest.raises(UnknownModelError):  # none of the chain fits: not a silent swap
+        chain.choose(REQUEST, cards("fast", "slow", "unknown"), stats)
+    cascade = LatencySLORouter(
+        CascadeRouter(["fast", "slow"], AgreementSignal(), 0.5), deadline_s=1.0
+    )
+    decision = cascade.choose(REQUEST, cards("fast", "slow", "unknown"), stats)
+    assert (decision.models, decision.reason.split(";")[0]) == (("fast",), "cascade: only fast")
     router = LatencySLORouter(FixedRouter("fast"), deadline_s=1.0)
     decision = router.choose(REQUEST, cards("fast", "slow", "unknown"), stats)
     assert decision.models == ("fast",)

@@ -25,7 +25,7 @@ from typing import cast
 import numpy as np
 
 from shoal.cards import HostPrice, ModelCard, Speed
-from shoal.errors import ConfigError, OutputError, ShoalError
+from shoal.errors import ConfigError, OutputError, ShoalError, UnknownModelError
 from shoal.messages import (
     ChatRequest,
     ChatResponse,
@@ -102,6 +102,16 @@ def trace_stats(
             calls=len(rows),
         )
     return merged
+
+
+def still_allowed(models: Sequence[str], candidates: Sequence[ModelCard]) -> tuple[str, ...]:
+    """`models`, in their order, less those the candidates leave out (a latency SLO drops the
+    ones too slow for its deadline); an error when none is left."""
+    known = {c.id for c in candidates}
+    kept = tuple(m for m in models if m in known)
+    if not kept:
+        raise UnknownModelError(models[0], sorted(known))
+    return kept
 
 
 class Router(ABC):

@@ -21,9 +21,9 @@ import numpy as np
 import numpy.typing as npt
 
 from shoal.cards import ModelCard
-from shoal.errors import ConfigError, UnknownModelError
+from shoal.errors import ConfigError
 from shoal.messages import ChatRequest, ChatResponse, Estimate, RouteDecision
-from shoal.routing.base import ModelStats, Router, RouteStats
+from shoal.routing.base import ModelStats, Router, RouteStats, still_allowed
 from shoal.routing.confidence import Mode, logprob_confidence
 
 
@@ -141,15 +141,12 @@ class CascadeRouter(Router):
         self, request: ChatRequest, candidates: Sequence[ModelCard], stats: RouteStats
     ) -> RouteDecision:
         del request
-        known = [c.id for c in candidates]
-        for model in self.models:
-            if model not in known:
-                raise UnknownModelError(model, known)
+        models = still_allowed(self.models, candidates)  # a latency SLO may leave out some
         steps = ", then ".join(
-            f"{m} (kept if confidence >= {self.thresholds[m]:.2f})" for m in self.models[:-1]
+            f"{m} (kept if confidence >= {self.thresholds[m]:.2f})" for m in models[:-1]
         )
         estimates = []
-        for model in self.models:
+        for model in models:
             s = stats.get(model, ModelStats())
             estimates.append(
                 Estimate(
@@ -157,14 +154,12 @@ class CascadeRouter(Router):
                     quality=s.quality,
                     cost_usd=s.cost_usd,
                     latency_s=s.latency_p95_s,
-                    note="last resort" if model == self.models[-1] else "",
+                    note="last resort" if model == models[-1] else "",
                 )
             )
+        reason = f"cascade: {steps}, else {models[-1]}" if steps else f"cascade: only {models[0]}"
         return RouteDecision(
-            route=self.name,
-            models=self.models,
-            reason=f"cascade: {steps}, else {self.models[-1]}",
-            estimates=tuple(estimates),
+            route=self.name, models=models, reason=reason, estimates=tuple(estimates)
         )
 
     def accept(

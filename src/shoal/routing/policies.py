@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from shoal.cards import ModelCard
 from shoal.errors import ConfigError, UnknownModelError
 from shoal.messages import ChatRequest, Estimate, RouteDecision
-from shoal.routing.base import ModelStats, Router, RouteStats
+from shoal.routing.base import ModelStats, Router, RouteStats, still_allowed
 
 
 def _estimate(
@@ -62,20 +62,16 @@ class FallbackRouter(Router):
         self, request: ChatRequest, candidates: Sequence[ModelCard], stats: RouteStats
     ) -> RouteDecision:
         del request
-        _require(self.chain, candidates)
+        chain = still_allowed(self.chain, candidates)
         by_id = {c.id: c for c in candidates}
         return RouteDecision(
             route=self.name,
-            models=self.chain,
+            models=chain,
             reason=(
-                f"fallback chain: {self.chain[0]}"
-                + (
-                    f", then {', '.join(self.chain[1:])} on retryable errors"
-                    if len(self.chain) > 1
-                    else ""
-                )
+                f"fallback chain: {chain[0]}"
+                + (f", then {', '.join(chain[1:])} on retryable errors" if len(chain) > 1 else "")
             ),
-            estimates=tuple(_estimate(by_id[m], stats) for m in self.chain),
+            estimates=tuple(_estimate(by_id[m], stats) for m in chain),
         )
 
 
