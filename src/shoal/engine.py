@@ -181,10 +181,21 @@ class Engine:
         step: str | None = None,
         item: str | None = None,
     ) -> ChatResponse:
-        """Run `plan` and return its answer: the loop of `stream`, collected (the models are
-        asked for whole answers)."""
-        answer = self._run(plan, hold, run_id, step, item, streamed=False)
-        return await collect(answer, plan.name)
+        """Run `plan` and return its answer, the models asked for whole answers: a route runs
+        the loop of `stream`, collected; a single model answers straight into the same tab."""
+        model, request, tab = self._start(plan, hold, run_id, step, item)
+        if isinstance(model, RoutedModel):
+            answer = self._run(model, request, tab, streamed=False)
+            return await collect(answer, plan.name)
+        try:
+            response = await model.generate(request)
+            tab.answered(response)
+            return response
+        except ShoalError as exc:
+            tab.failed(exc)
+            raise
+        finally:
+            tab.abandoned()  # the caller left (or was cancelled) before the end
 
     async def stream(
         self,
@@ -198,21 +209,22 @@ class Engine:
         """Run `plan`: its decision, never a new one. With a `hold`, the hold is settled when the
         call ends, and on a budget (an account with a limit) the call may spend what is held and
         no more (a local model stops early)."""
-        run = self._run(plan, hold, run_id, step, item, streamed=True)
+        model, request, tab = self._start(plan, hold, run_id, step, item)
+        run = self._run(model, request, tab, streamed=True)
         async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], run)) as events:
             async for event in events:
                 yield event
 
-    async def _run(
+    def _start(
         self,
         plan: CallPlan,
         hold: Hold | None,
         run_id: str | None,
         step: str | None,
         item: str | None,
-        *,
-        streamed: bool,
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> tuple[Model, ChatRequest, _Tab]:
+        """The model that runs `plan`, the request it gets (capped at what is held, on a
+        budget), and the tab that charges and traces the call however it ends."""
         model = self.model(plan.name)
         request = plan.request
         if hold is not None and hold.account.limit_pusd is not None:
@@ -220,9 +232,13 @@ class Engine:
             if request.max_cost_usd is not None:
                 cap = min(cap, request.max_cost_usd)
             request = request.model_copy(update={"max_cost_usd": cap})
-        tab = _Tab(self, plan, request, hold, run_id, step, item)
+        return model, request, _Tab(self, plan, request, hold, run_id, step, item)
+
+    async def _run(
+        self, model: Model, request: ChatRequest, tab: _Tab, *, streamed: bool
+    ) -> AsyncIterator[StreamEvent]:
         if isinstance(model, RoutedModel):
-            answer = model.stream(request, plan.decision, streamed=streamed)
+            answer = model.stream(request, tab.plan.decision, streamed=streamed)
         else:
             answer = events(model, request, streamed=streamed)
         try:
@@ -315,7 +331,8 @@ class _Tab:
 
     def answered(self, response: ChatResponse) -> None:
         for answer in (*response.attempts, response):
-            self.engine.speeds.observe(answer)
+            if self.engine.fleet.runs_locally(answer.model):
+                self.engine.speeds.observe(answer)
         self._close([*response.attempts, response], None, response.decision)
 
     def failed(self, exc: ShoalError) -> None:

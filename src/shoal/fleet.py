@@ -99,6 +99,11 @@ class Fleet:
         self.spec(model_id)
         return self._cards[model_id]
 
+    def runs_locally(self, model_id: str) -> bool:
+        """Whether `model_id` is a model of this fleet that runs in this process."""
+        card = self._cards.get(model_id)
+        return card is not None and card.runs == "local"
+
     def cards(self) -> list[ModelCard]:
         return list(self._cards.values())
 

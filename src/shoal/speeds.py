@@ -6,8 +6,9 @@ deadline planned on the card's figures is then missed. `LiveSpeeds` keeps, per m
 average of the prompt speed, the generation speed and the time calls waited in the model's
 queue, from every call that completes, and the engine plans with them (`ModelCard.Speed`).
 
-The figures persist (a small JSON file next to the traces), so a new process plans with the
-last known speeds instead of the idle ones.
+The figures persist (a small JSON file next to the traces, written at most once a minute and
+when the engine closes), so a new process plans with the last known speeds instead of the idle
+ones. Only local models are followed: a hosted model's time to first token is mostly network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from shoal.cards import Speed
@@ -29,7 +31,7 @@ NEW_WEIGHT = 0.3
 # Prompts shorter than this say little about prompt speed (fixed costs dominate).
 MIN_PROMPT_TOKENS = 16
 MIN_OUTPUT_TOKENS = 4
-SAVE_EVERY = 20
+SAVE_EVERY_S = 60.0
 
 
 class LiveSpeeds:
@@ -38,7 +40,7 @@ class LiveSpeeds:
         self._speeds: dict[str, Speed] = {}
         self._warm: set[str] = set()
         self._lock = threading.Lock()
-        self._unsaved = 0
+        self._saved_at = time.monotonic()
         if self.path is not None and self.path.is_file():
             self._load(self.path)
 
@@ -71,8 +73,7 @@ class LiveSpeeds:
                 gen_tok_s=_mix(old.gen_tok_s if old else None, gen),
                 wait_s=_mix(old.wait_s if old else None, wait) or 0.0,
             )
-            self._unsaved += 1
-            due = self._unsaved >= SAVE_EVERY
+            due = time.monotonic() - self._saved_at >= SAVE_EVERY_S
         if due:
             self.save()
 
@@ -82,7 +83,7 @@ class LiveSpeeds:
             return
         with self._lock:
             data = {m: s._asdict() for m, s in self._speeds.items()}
-            self._unsaved = 0
+            self._saved_at = time.monotonic()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".speeds-")

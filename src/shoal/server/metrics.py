@@ -20,6 +20,7 @@ direct model call), `model` the model that answered ("" when none did).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -66,6 +67,16 @@ class _Grammars(Collector):
         )
 
 
+class _Series(NamedTuple):
+    """The labelled series one kind of request updates."""
+
+    requests: Counter
+    input_tokens: Counter
+    output_tokens: Counter
+    cost: Counter
+    latency: Histogram
+
+
 class Metrics:
     """The server's metrics. `request`, `decision` and `error` count; `in_flight` and
     `overrun_usd` are figures the server sets; `render` and `exposition` write them out."""
@@ -104,6 +115,7 @@ class Metrics:
             ("status", "code"),
             registry=r,
         )
+        self._series: dict[tuple[str, str, str, str], _Series] = {}
         self.in_flight = 0
         Gauge(
             "shoal_requests_in_flight", "Completions being answered now.", registry=r
@@ -125,15 +137,24 @@ class Metrics:
         output_tokens: int = 0,
         cost_usd: float = 0.0,
     ) -> None:
-        route = route or ""
-        model = model or ""
-        self._requests.labels(name, route, model, status).inc()
+        key = (name, route or "", model or "", status)
+        series = self._series.get(key)
+        if series is None:  # `labels` costs microseconds: look each set up once
+            _, route, model, _ = key
+            series = self._series[key] = _Series(
+                self._requests.labels(*key),
+                self._tokens.labels(route, model, "input"),
+                self._tokens.labels(route, model, "output"),
+                self._cost.labels(route, model),
+                self._latency.labels(name, route),
+            )
+        series.requests.inc()
         if input_tokens or output_tokens:
-            self._tokens.labels(route, model, "input").inc(input_tokens)
-            self._tokens.labels(route, model, "output").inc(output_tokens)
+            series.input_tokens.inc(input_tokens)
+            series.output_tokens.inc(output_tokens)
         if cost_usd:
-            self._cost.labels(route, model).inc(cost_usd)
-        self._latency.labels(name, route).observe(latency_s)
+            series.cost.inc(cost_usd)
+        series.latency.observe(latency_s)
 
     def error(self, *, status: int, code: str) -> None:
         self._errors.labels(str(status), code).inc()
