@@ -23,7 +23,6 @@ from shoal import (
     TextDelta,
 )
 from shoal.models.llamacpp import (
-    PREFILL_CHUNK,
     FreeCores,
     GrammarCache,
     LlamaCppModel,
@@ -296,7 +295,7 @@ def _long_prompt(topic: str, words: int = 700) -> str:
     return f"About {topic}: " + " ".join(f"harbour{i % 50}" for i in range(words))
 
 
-async def test_a_cost_cap_stops_prompt_evaluation_within_a_chunk(tiny: Model) -> None:
+async def test_a_cost_cap_stops_prompt_evaluation_within_a_batch(tiny: Model) -> None:
     full = await tiny.generate(ChatRequest.of(_long_prompt("boats"), max_tokens=1))
     per_token = full.compute_s / full.usage.input_tokens
     cap = full.cost_usd / 4  # a quarter of what the prompt alone costs
@@ -305,11 +304,12 @@ async def test_a_cost_cap_stops_prompt_evaluation_within_a_chunk(tiny: Model) ->
     assert (capped.finish_reason, capped.usage.output_tokens, capped.text) == ("length", 0, "")
     # It stopped before the chunk that would pass the cap: at most one chunk over, and on a busy
     # host one more chunk of slack.
-    slack = tiny.card.price.per_hour * 2 * PREFILL_CHUNK * per_token / 3600  # type: ignore[union-attr]
+    batch = tiny._instance.key.batch  # type: ignore[attr-defined]
+    slack = tiny.card.price.per_hour * 2 * batch * per_token / 3600  # type: ignore[union-attr]
     assert capped.cost_usd <= cap + slack
 
 
-async def test_a_call_cancelled_during_its_prompt_stops_within_a_chunk(tiny: Model) -> None:
+async def test_a_call_cancelled_during_its_prompt_stops_within_a_batch(tiny: Model) -> None:
     full = await tiny.generate(ChatRequest.of(_long_prompt("gulls"), max_tokens=1))
     events = tiny.stream(ChatRequest.of(_long_prompt("nets"), max_tokens=50))
     task = asyncio.ensure_future(anext(events))  # type: ignore[arg-type]
@@ -383,3 +383,12 @@ def test_threads_follow_the_cores_other_programs_leave_free(
     assert cores() == 3
     clock.update(now=104.0, busy=108.0, own=2.0)  # others held every core and more
     assert cores() == 1  # never fewer than one
+
+
+async def test_a_prompt_the_context_holds_is_not_evaluated_again(tiny: Model) -> None:
+    request = ChatRequest.of(_long_prompt("quays", words=150), max_tokens=1)
+    first = await tiny.generate(request)
+    again = await tiny.generate(request)
+    assert again.text == first.text
+    assert again.ttft_s is not None and first.ttft_s is not None
+    assert again.ttft_s < first.ttft_s / 3  # sampled from the cached state, nothing decoded

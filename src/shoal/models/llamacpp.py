@@ -9,10 +9,13 @@ shoal read each token's log-probability from the last logits for free (no `logit
 generation whose caller went away, and constrain output with a grammar built from the JSON schema
 (llama-cpp-python ignores OpenAI's `json_schema` response format).
 
-The prompt is evaluated first, in chunks of `PREFILL_CHUNK` tokens, so a call whose caller went
-away, or whose cost cap (`ChatRequest.max_cost_usd`) the next chunk would pass, stops using the
-CPU within one chunk: a cancelled call overruns by at most one chunk's compute, and a capped
-call stops before the chunk that would pass its cap (answering nothing, finish reason "length").
+A long prompt is evaluated first, one batch (`batch` tokens) at a time, so a call whose caller
+went away, or whose cost cap (`ChatRequest.max_cost_usd`) the next batch would pass, stops using
+the CPU within one batch: a cancelled call overruns by at most one batch's compute, and a capped
+call stops before the batch that would pass its cap (answering nothing, finish reason "length").
+The batches are the ones llama.cpp itself would evaluate, so answers are the same token for
+token; a prompt of one batch or less is evaluated whole, and its cost can pass the cap by that
+one batch (the cap then stops generation before the first token after it).
 """
 
 from __future__ import annotations
@@ -68,11 +71,6 @@ class _Cancelled(Exception):
 class _CapReached(Exception):
     """The next prompt chunk would cost more than the caller allowed."""
 
-
-# Prompt tokens evaluated between two checks for cancellation and the cost cap: small enough
-# that a check comes every fraction of a second on a 2-core CPU, large enough to keep prompt
-# evaluation near full speed.
-PREFILL_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -375,9 +373,10 @@ class LlamaCppModel(Model):
         started: float,
         cap_s: float,
     ) -> None:
-        """Evaluate all but the prompt's last token, `PREFILL_CHUNK` tokens at a time, reusing
-        what the context already holds; `generate` then finds them cached and evaluates only the
-        last one. Stops between chunks when the caller went away or the cap would be passed."""
+        """Evaluate the prompt's full batches but the last, reusing what the context already
+        holds; `generate` then finds them cached and evaluates the last batch, so the batches
+        are the ones llama.cpp would have made. Stops between batches when the caller went away
+        or the cap would be passed."""
         if llama._is_recurrent or llama._is_hybrid:
             return  # their state cannot be cut back to a prefix: let `generate` evaluate
         held = llama.n_tokens
@@ -386,15 +385,18 @@ class LlamaCppModel(Model):
             if a != b:
                 break
             common += 1
-        common = min(common, len(prompt) - 1)
+        batch = self._instance.key.batch
+        last = common + (len(prompt) - 1 - common) // batch * batch  # where the last batch starts
+        if last <= common:
+            return  # one batch or less to evaluate (or all of it cached): `generate` does it
         llama.n_tokens = common
-        todo = prompt[common : len(prompt) - 1]
+        todo = prompt[common:last]
         speed = self.card.measured.prompt_tok_s if self.card.measured else self.card.prompt_tok_s
         per_token = 1.0 / speed if speed else 0.0
-        for i in range(0, len(todo), PREFILL_CHUNK):
+        for i in range(0, len(todo), batch):
             if cancelled.is_set():
                 raise _Cancelled
-            chunk = todo[i : i + PREFILL_CHUNK]
+            chunk = todo[i : i + batch]
             elapsed = time.perf_counter() - started
             if elapsed + per_token * (len(chunk) + 1) > cap_s:
                 raise _CapReached
