@@ -72,7 +72,6 @@ class _CapReached(Exception):
     """The next prompt chunk would cost more than the caller allowed."""
 
 
-
 @dataclass(frozen=True)
 class _Key:
     path: str
