@@ -12,7 +12,7 @@ from shoal import ChatRequest, ChatResponse, Fleet, FunctionModel, TokenPrice, U
 from shoal.calls import CallPlan
 from shoal.engine import Engine
 from shoal.errors import PipelineError
-from shoal.pipeline.graph import ModelStep, Pipeline
+from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.pipeline.run import Runner
 from shoal.speeds import LiveSpeeds
 
@@ -169,3 +169,41 @@ def test_on_deadline_must_be_possible() -> None:
         one_step(on_deadline="fallback")
     with pytest.raises(PipelineError, match="only an optional step"):
         one_step(on_deadline="skip")
+
+
+async def test_a_skipped_fan_out_leaves_a_gap_per_item(tmp_path: Path) -> None:
+    engine, slow, _ = slow_engine(tmp_path)
+
+    def split(q: str) -> list[str]:
+        return q.split()[:3]
+
+    def first_note(notes: list[str | None]) -> str:
+        return next((n for n in notes if n), "no notes")
+
+    pipeline = Pipeline(
+        "notes",
+        inputs=["q"],
+        steps=[
+            PythonStep("words", split, inputs=("q",)),
+            ModelStep(
+                "notes",
+                prompt="{item}",
+                model="slow",
+                inputs=("words",),
+                map_over="words",
+                optional=True,
+                on_deadline="skip",
+            ),
+            PythonStep("summary", first_note, inputs=("notes",)),
+        ],
+        output="summary",
+    )
+    result = await Runner(engine, traces=engine.traces).run(
+        pipeline, {"q": PROMPT}, deadline_s=5.0
+    )
+    assert result.status == "ok", result.stop_reason
+    assert result.values["notes"] == [None, None, None]
+    assert result.output == "no notes"
+    assert result.steps["notes"].skipped_for_time
+    assert slow.calls == []
+    await engine.aclose()

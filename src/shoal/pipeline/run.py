@@ -334,7 +334,8 @@ class _Run:
             state.outcome.error = f"{type(exc).__name__}: {exc}"
             self._note_stop(exc)
             if isinstance(exc, StepSkippedError):  # as its on_deadline says: not a failure
-                self.values[name] = None
+                # A skipped fan-out gives a gap per item, as failed items do.
+                self.values[name] = [None] * len(items) if step.map_over is not None else None
                 state.outcome.status, state.outcome.error = "skipped", None
                 state.outcome.skipped_for_time = True
             elif step.optional:
