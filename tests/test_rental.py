@@ -257,3 +257,50 @@ async def test_the_real_fleet_answers_a_request(tmp_path: Path) -> None:
     assert result.status in ("ok", "partial"), result.stop_reason
     assert result.output["ranked"]
     await engine.aclose()
+
+
+@pytest.mark.slow
+def test_the_default_demo_answers_in_time_with_a_core_taken(tmp_path: Path) -> None:
+    """The default request on the real fleet, while a busy loop holds one core: a ranked answer
+    within the 60 s deadline (steps that cannot fit are changed before they start)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    busy = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 90\nwhile time.time() < end: pass"]
+    )
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "shoal.cli.main",
+                "run",
+                "rental",
+                "quiet 2-bedroom near downtown under $150 with parking",
+                "--city",
+                "albany",
+                "--budget",
+                "0.01",
+                "--deadline",
+                "60",
+                "--no-cache",
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        wall = time.monotonic() - started
+    finally:
+        busy.kill()
+        busy.wait()
+    result = json.loads(done.stdout)
+    assert result["status"] in ("ok", "partial"), result["stop_reason"]
+    assert result["output"]["ranked"], result["stop_reason"]
+    assert result["wall_s"] <= 60.5
+    assert wall < 90  # the process, model loading included
