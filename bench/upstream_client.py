@@ -191,7 +191,7 @@ def make_calls(
         await shoal.aclose()
         await client.close()
 
-    calls = {
+    calls: dict[tuple[str, str], Call] = {
         ("shoal", "generate"): shoal_generate,
         ("shoal", "stream"): shoal_stream,
         ("openai", "create"): openai_create,
