@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from server_support import serving
 
@@ -355,6 +355,34 @@ async def test_trace_ledger_and_run_cost_agree_however_calls_end(tmp_path: Path)
     await engine.aclose()
 
 
+async def test_a_fallback_charges_and_traces_the_member_that_failed(tmp_path: Path) -> None:
+    def timeout(request: ChatRequest) -> str:
+        raise BackendTimeoutError("no answer in time")
+
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    members = [FunctionModel(timeout, model_id="timeout", price=PRICE), model("ok")]
+    engine.add_route("alone", FunctionModel(timeout, model_id="timeout", price=PRICE))
+    engine.add_route("chain", RoutedModel("chain", FallbackRouter(["timeout", "ok"]), members))
+    engine.add_route("ok-alone", model("ok"))
+    request = ChatRequest.of("how much is this", max_tokens=8)
+    account = Account.usd("run", 1.0)
+
+    async def charge(name: str) -> int:
+        plan = await engine.plan(name, request)
+        hold = account.reserve(plan.worst_usd)
+        run_id = engine.traces.start_run(name)
+        await asyncio.gather(engine.execute(plan, hold=hold, run_id=run_id), return_exceptions=True)
+        traced = sum(to_pico(c.cost_usd) for c in engine.traces.calls(run_id))
+        assert traced == hold.charged_pusd
+        if name == "chain":
+            assert [c.model for c in engine.traces.calls(run_id)] == ["timeout", "ok"]
+        return traced
+
+    # The timed-out member sent its prompt under the route as it does alone: it is paid for.
+    assert await charge("chain") == await charge("alone") + await charge("ok-alone")
+    await engine.aclose()
+
+
 async def test_a_run_costs_what_its_calls_were_charged(tmp_path: Path) -> None:
     engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
     engine.add_route("esc", RoutedModel("esc", cascade(), [model("cheap"), model("strong")]))
@@ -396,6 +424,20 @@ def test_an_account_holds_then_charges_what_the_call_cost() -> None:
     account.reserve(2e-7).release()
     assert account.spent_pusd == to_pico(8e-7)
     assert Account("free").left_pusd is None
+
+
+@given(st.integers(min_value=0, max_value=10**15))
+@example(8_568_341_323_426)  # $8.57 a call: 1 picodollar more, read back
+@example(46_123_456_789)  # 4.6 cents
+def test_a_whole_picodollar_amount_reads_back_as_itself(pusd: int) -> None:
+    # A cost in USD is a whole number of picodollars (`whole_pico`): the ledger must read it
+    # back as that number, or a trace and the charge settled from it differ by a picodollar.
+    from shoal.money import to_usd, whole_pico
+
+    assert to_pico(to_usd(pusd)) == pusd
+    assert to_pico(whole_pico(to_usd(pusd))) == pusd
+    if pusd < 10**9:  # a fraction a float can still hold is rounded up
+        assert to_pico(to_usd(pusd) + 0.5e-12) == pusd + 1
 
 
 class WholeOnly(FunctionModel):

@@ -198,9 +198,7 @@ async def test_a_skipped_fan_out_leaves_a_gap_per_item(tmp_path: Path) -> None:
         ],
         output="summary",
     )
-    result = await Runner(engine, traces=engine.traces).run(
-        pipeline, {"q": PROMPT}, deadline_s=5.0
-    )
+    result = await Runner(engine, traces=engine.traces).run(pipeline, {"q": PROMPT}, deadline_s=5.0)
     assert result.status == "ok", result.stop_reason
     assert result.values["notes"] == [None, None, None]
     assert result.output == "no notes"

@@ -245,6 +245,20 @@ async def test_a_full_queue_answers_overloaded(tiny_card: ModelCard, tiny_path: 
     assert sum(1 for r in results if not isinstance(r, Exception)) >= 2
 
 
+async def test_a_stream_on_a_full_queue_answers_overloaded(
+    tiny_card: ModelCard, tmp_path: Path
+) -> None:
+    weights = tmp_path / "queued.gguf"  # never loaded: the queue refuses the call first
+    weights.write_bytes(b"")
+    model = LlamaCppModel(tiny_card, path=weights, max_queue=0)
+    model._instance.pending = 1  # one call running, none may wait
+    with pytest.raises(OverloadedError):
+        async with asyncio.timeout(5):
+            async for _ in model.stream(ChatRequest.of("hi", max_tokens=2)):
+                pass
+    model._instance.pending = 0
+
+
 async def test_a_stream_left_early_stops_generating(tiny: Model) -> None:
     probe = await tiny.generate(ChatRequest.of("Write a story about a harbour.", max_tokens=20))
     per_token = probe.compute_s / probe.usage.output_tokens

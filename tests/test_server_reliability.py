@@ -436,3 +436,51 @@ async def test_100_concurrent_clients_briefly(upstream: str, tmp_path: Path) -> 
 @pytest.mark.slow
 async def test_100_concurrent_clients_for_30_seconds(upstream: str, tmp_path: Path) -> None:
     await _load(upstream, tmp_path, seconds=30.0)
+
+
+async def test_a_stream_whose_client_left_before_its_first_byte_still_ends_its_call() -> None:
+    # The ASGI server's first send yields to the loop and the client is gone by then: the
+    # response's body never starts, and the call must still be closed, charged and counted.
+    model = SlowStream()
+    engine = Engine(upstream_fleet("http://127.0.0.1:9"), trace_path=":memory:")
+    engine.add_route("slow-stream", model)
+    app = create_app(engine, ServerSettings(auth=False), pipelines={})
+    state: ServerState = app.state.shoal
+    body = json.dumps({"model": "slow-stream", "messages": USER, "stream": True}).encode()
+    started = asyncio.Event()
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        if not started.is_set():  # still waiting for the first event: the client is there
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            started.set()
+            await asyncio.sleep(0.01)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+        "app": app,
+    }
+    await app(scope, receive, send)
+    await eventually(lambda: model.closed_flag)
+    assert [c.status for c in engine.traces.calls()] == ["cancelled"]
+    assert state.metrics.in_flight == 0
+    await engine.aclose()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import cast
 
 from shoal.calls import CallPlan
+from shoal.cards import ModelCard
 from shoal.errors import ConfigError, OutputError, ShoalError, UnknownModelError, UnknownRouteError
 from shoal.fleet import Fleet
 from shoal.ledger import Hold
@@ -36,6 +37,7 @@ from shoal.messages import (
     Completed,
     Escalated,
     RouteDecision,
+    StageFailed,
     StreamEvent,
     TextDelta,
 )
@@ -248,6 +250,8 @@ class Engine:
                         tab.delivered += 1
                     elif isinstance(event, Escalated):
                         tab.escalated(event.response)
+                    elif isinstance(event, StageFailed):
+                        tab.stage_failed(event)
                     elif isinstance(event, Completed):
                         tab.answered(event.response)
                     yield event
@@ -323,10 +327,17 @@ class _Tab:
     clock: float = field(default_factory=time.perf_counter)
     delivered: int = 0
     attempts: list[ChatResponse] = field(default_factory=list)
+    stages_failed: list[StageFailed] = field(default_factory=list)
+    failed_after: list[int] = field(default_factory=list)  # answers paid before each failure
     closed: bool = False
 
     def escalated(self, response: ChatResponse) -> None:
         self.attempts.append(response)
+        self.delivered = 0
+
+    def stage_failed(self, event: StageFailed) -> None:
+        self.stages_failed.append(event)
+        self.failed_after.append(len(self.attempts))
         self.delivered = 0
 
     def answered(self, response: ChatResponse) -> None:
@@ -351,17 +362,31 @@ class _Tab:
     def _running(self, paid: list[ChatResponse]) -> str:
         """The model working when the call ended: the stage after the answers paid for."""
         models = self.plan.models
-        return models[min(len(paid), len(models) - 1)]
+        return models[min(len(paid) + len(self.stages_failed), len(models) - 1)]
+
+    def _card(self, model: str) -> ModelCard | None:
+        """The card of `model`: a member of the planned route, or a model of the fleet."""
+        routed = self.engine._routes.get(self.plan.name)
+        if isinstance(routed, RoutedModel):
+            for card in routed.candidates:
+                if card.id == model:
+                    return card
+        elif routed is not None and routed.id == model:  # a model served under a route name
+            return routed.card
+        try:
+            return self.engine.model(model).card
+        except ShoalError:
+            return None
 
     def _cut_short(self, model: str, paid: list[ChatResponse], exc: ShoalError | None) -> float:
         """What the unfinished stage consumed: nothing when it failed before any work."""
         if exc is not None and exc.before_work:
             return 0.0
-        try:
-            card = self.engine.model(model).card
-        except ShoalError:
+        card = self._card(model)
+        if card is None:
             return 0.0
         seconds = time.perf_counter() - self.clock - sum(a.latency_s for a in paid)
+        seconds -= sum(f.seconds for f in self.stages_failed)
         return card.partial_cost(self.request, seconds=max(seconds, 0.0), delivered=self.delivered)
 
     def _close(
@@ -378,6 +403,27 @@ class _Tab:
         decision = decided.model_dump(mode="json") if decided else None
         run_id, step, item, route = self.run_id, self.step, self.item, self.plan.route
         records = [_record(a, self.started, now, run_id, step, item, decision, route) for a in paid]
+        for k, failed in enumerate(self.stages_failed):  # stages a route moved on from
+            cost, card = 0.0, self._card(failed.model)
+            if card is not None and not failed.before_work:
+                cost = card.partial_cost(self.request, seconds=failed.seconds, delivered=0)
+            records.insert(
+                self.failed_after[k] + k,  # in the order the stages ran
+                CallRecord(
+                    model=failed.model,
+                    status="error",
+                    error=failed.error,
+                    route=route,
+                    latency_s=failed.seconds,
+                    cost_usd=whole_pico(cost),
+                    decision=decision,
+                    started_at=self.started,
+                    finished_at=now,
+                    run_id=run_id,
+                    step=step,
+                    item=item,
+                ),
+            )
         if ending is not None:
             status, exc, model, done = ending
             cost = done.cost_usd if done is not None else self._cut_short(model, paid, exc)

@@ -150,6 +150,17 @@ class Escalated(_Frozen):
     response: ChatResponse
 
 
+class StageFailed(_Frozen):
+    """A route's stage failed with a retryable error and the route asks the next model: the
+    stage is traced and charged what it consumed (nothing when it failed before any work)."""
+
+    kind: Literal["stage_failed"] = "stage_failed"
+    model: str
+    error: str
+    before_work: bool
+    seconds: float
+
+
 class Completed(_Frozen):
     """The last event of a stream: the full response, costed exactly as a non-streamed call."""
 
@@ -157,4 +168,4 @@ class Completed(_Frozen):
     response: ChatResponse
 
 
-StreamEvent = TextDelta | Escalated | Completed
+StreamEvent = TextDelta | Escalated | StageFailed | Completed

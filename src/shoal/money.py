@@ -12,8 +12,14 @@ PICO = 10**12
 
 
 def to_pico(usd: float) -> int:
-    """USD to picodollars, rounded up (a cost is never undercounted)."""
-    return math.ceil(usd * PICO - 1e-6)
+    """USD to picodollars, rounded up (a cost is never undercounted). A figure that is a whole
+    number of picodollars but for the float's own rounding (a few units in its last place, more
+    than 1e-6 picodollar above a cent) reads back as that number."""
+    pusd = usd * PICO
+    whole = round(pusd)
+    if abs(pusd - whole) <= max(1e-6, abs(pusd) * 1e-15):
+        return whole
+    return math.ceil(pusd)
 
 
 def to_usd(pusd: int) -> float:

@@ -512,6 +512,9 @@ class LlamaCppModel(Model):
                 loop.call_soon_threadsafe(queue.put_nowait, None)
 
         job = asyncio.ensure_future(self._submit(work))
+        # A call refused before it reaches the worker (a full queue) never runs `work`: its end
+        # still ends the wait (after every delta, which the worker queued before it returned).
+        job.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (delta := await queue.get()) is not None:
                 yield delta

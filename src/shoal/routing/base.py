@@ -32,6 +32,7 @@ from shoal.messages import (
     Completed,
     Escalated,
     RouteDecision,
+    StageFailed,
     StreamEvent,
     TextDelta,
     Usage,
@@ -261,6 +262,7 @@ class RoutedModel(Model):
                 stage = request.model_copy(
                     update={"max_cost_usd": max(request.max_cost_usd - spent, 0.0)}
                 )
+            stage_started = time.perf_counter()
             try:
                 if final:
                     answer = cast(
@@ -279,6 +281,12 @@ class RoutedModel(Model):
                     _keep_paid(exc, attempts, model_id)
                     raise
                 log.warning("route %s: %s failed (%s); trying the next", self.name, model_id, exc)
+                yield StageFailed(
+                    model=model_id,
+                    error=f"{type(exc).__name__}: {exc}",
+                    before_work=exc.before_work,
+                    seconds=time.perf_counter() - stage_started,
+                )
                 continue
             if self.router.accept(request, response, attempts)[0]:
                 done = _routed(response, decision, attempts)

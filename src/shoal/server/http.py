@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -107,8 +107,17 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: AsyncGenerator[bytes, None], *, headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        body: AsyncGenerator[bytes, None],
+        *,
+        headers: dict[str, str],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_close` runs once the response has ended, however it ended: a body that never
+        started (the client left before the first byte) runs none of its own cleanup."""
         self.body_iterator = body
+        self.on_close = on_close
         self.status_code = 200
         self.background = None
         self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
@@ -124,6 +133,8 @@ class EventStreamResponse(Response):
                 pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await pump
+            if self.on_close is not None:
+                await self.on_close()
 
     async def _pump(self, send: Send) -> None:
         async with contextlib.aclosing(self.body_iterator) as body:

@@ -288,7 +288,14 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
     headers = {"x-shoal-route": route_header(plan.route, None)}
     if plan.route is None:
         headers["x-shoal-model"] = plan.name
-    return EventStreamResponse(_events(call, events, pending, writer), headers=headers)
+
+    async def ended() -> None:  # the body's own cleanup, for a body that never started
+        await _close(pending, events)
+        call.end("cancelled")
+
+    return EventStreamResponse(
+        _events(call, events, pending, writer), headers=headers, on_close=ended
+    )
 
 
 async def _close(
