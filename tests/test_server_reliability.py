@@ -484,3 +484,21 @@ async def test_a_stream_whose_client_left_before_its_first_byte_still_ends_its_c
     assert [c.status for c in engine.traces.calls()] == ["cancelled"]
     assert state.metrics.in_flight == 0
     await engine.aclose()
+
+
+async def test_a_stream_cancelled_before_the_engine_starts_gives_its_hold_back(
+    engine: Engine,
+) -> None:
+    from shoal.ledger import Account
+    from shoal.server.routes import Call
+
+    app = create_app(engine, ServerSettings(auth=False), pipelines={})
+    state: ServerState = app.state.shoal
+    plan = await engine.plan("echo", ChatRequest.of("hi", max_tokens=4))
+    account = Account.usd("key 'k'", 1.0)
+    call = Call(state, plan, account.reserve(plan.worst_usd))
+    call.begin()
+    engine.stream(plan, hold=call.hold)  # made, never started: the client left at once
+    call.end("cancelled")
+    assert (account.held_pusd, account.spent_pusd) == (0, 0)
+    assert state.metrics.in_flight == 0

@@ -169,6 +169,8 @@ class Call:
         if self.ended:
             return
         self.ended = True
+        if not self.hold.settled:  # the engine never started the call (the client left first)
+            self.hold.release()
         metrics = self.state.metrics
         metrics.in_flight -= 1
         metrics.request(
