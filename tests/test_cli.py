@@ -340,3 +340,87 @@ def test_runs_list_and_show_as_json(tmp_path: Path) -> None:
         sum(cost_on(Fleet(), "qwen2.5-coder-1.5b", c) for c in calls)
     )
     assert large["paid_usd"] == pytest.approx(0.00037)
+
+
+TRIAGE_STEPS = """\
+from pydantic import BaseModel
+
+
+class Topic(BaseModel):
+    topic: str
+
+
+def count(labels: list[Topic | None]) -> int:
+    return sum(label is not None for label in labels)
+"""
+
+TRIAGE_YAML = """\
+name: triage
+inputs: [tickets]
+output: counted
+steps:
+  - name: labels
+    kind: model
+    model: tiny
+    prompt: "Which topic is this support ticket about? {item}"
+    output: triage_steps:Topic
+    inputs: [tickets]
+    map_over: tickets
+    max_tokens: 24
+    optional: true
+  - name: counted
+    kind: python
+    fn: triage_steps:count
+    inputs: [labels]
+"""
+
+
+def test_run_a_yaml_pipeline_file_end_to_end(tiny_fleet: Path, tmp_path: Path) -> None:
+    """`shoal run FILE.yaml --input`, from another folder: its steps module sits beside it, the
+    input parses as JSON, and the run is recorded."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / "triage_steps.py").write_text(TRIAGE_STEPS, "utf-8")
+    (folder / "triage.yaml").write_text(TRIAGE_YAML, "utf-8")
+    command = [sys.executable, "-m", "shoal.cli.main", "run", str(folder / "triage.yaml")]
+    command += ["--input", 'tickets=["I was charged twice.", "The app crashes."]']
+    command += ["--budget", "0.05", "--deadline", "120", "--fleet", str(tiny_fleet), "--json"]
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["pipeline"] == "triage"
+    assert result["status"] in ("ok", "partial"), result
+    assert result["steps"]["labels"]["items"] == 2
+    assert result["output"] == 2 - result["steps"]["labels"]["items_failed"], result
+    assert result["budget_usd"] == 0.05
+    listed = runner.invoke(app, ["runs", "list", "--json", "--fleet", str(tiny_fleet)])
+    assert [run["id"] for run in json.loads(listed.stdout)] == [result["run_id"]]
+
+
+def test_run_a_yaml_pipeline_prints_its_output_and_status(tmp_path: Path) -> None:
+    (tmp_path / "shout.yaml").write_text(
+        "name: shout\ninputs: [text, times]\noutput: loud\nsteps:\n"
+        "  - {name: loud, kind: python, fn: 'test_cli:shout', inputs: [text, times]}\n",
+        "utf-8",
+    )
+    env = {"SHOAL_CACHE_DIR": str(tmp_path / "cache")}
+    path = str(tmp_path / "shout.yaml")
+    result = runner.invoke(app, ["run", path, "-i", "text=hi", "-i", "times=2"], env=env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "HI!HI!\n"
+    assert result.stderr.splitlines()[-1].startswith("ok · $0.000000 · ")
+    bad = runner.invoke(app, ["run", path, "--input", "text"], env=env)
+    assert bad.exit_code == 2
+    assert "--input 'text': write it as key=value" in bad.stderr
+    missing = runner.invoke(app, ["run", str(tmp_path / "absent.yaml")], env=env)
+    assert missing.exit_code == 2
+    assert "cannot read pipeline" in missing.stderr
+
+
+def shout(text: str, times: int) -> str:
+    return (text.upper() + "!") * times

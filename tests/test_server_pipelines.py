@@ -26,6 +26,7 @@ from starlette.applications import Starlette
 
 from shoal import FunctionModel, TokenPrice
 from shoal.engine import Engine
+from shoal.errors import UnknownPipelineError
 from shoal.ledger import to_pico
 from shoal.messages import ChatRequest
 from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
@@ -398,12 +399,58 @@ async def test_the_openapi_document_lists_the_run_endpoints(
     assert "/v1/pipelines/{name}/runs/{run_id}/events" in spec["paths"]
 
 
-def test_the_default_app_serves_the_rental_pipeline(tmp_path: Path) -> None:
+def test_the_default_app_serves_no_pipeline_and_leaves_the_engine_alone(tmp_path: Path) -> None:
     engine = Engine(trace_path=tmp_path / "traces.sqlite")
     try:
+        routes = list(engine.route_names)
         app = create_app(engine, ServerSettings(auth=False))
         state: ServerState = app.state.shoal
-        assert list(state.runs.pipelines) == ["rental"]
-        assert "rental-criteria" in engine.route_names
+        assert state.runs.pipelines == {}
+        assert list(engine.route_names) == routes
     finally:
         asyncio.run(engine.aclose())
+
+
+def test_the_app_serves_the_pipelines_the_operator_names(tmp_path: Path) -> None:
+    """A registered name (its routes added to the engine) and a YAML file."""
+    (tmp_path / "shout.yaml").write_text(SHOUT_YAML, "utf-8")
+    engine = Engine(trace_path=tmp_path / "traces.sqlite")
+    try:
+        settings = ServerSettings(auth=False, pipelines=("rental", str(tmp_path / "shout.yaml")))
+        app = create_app(engine, settings)
+        state: ServerState = app.state.shoal
+        assert sorted(state.runs.pipelines) == ["rental", "shout"]
+        assert "rental-criteria" in engine.route_names
+        with pytest.raises(UnknownPipelineError, match="nope"):
+            create_app(engine, ServerSettings(auth=False, pipelines=("nope",)))
+    finally:
+        asyncio.run(engine.aclose())
+
+
+async def test_a_pipeline_from_yaml_runs_over_http(tmp_path: Path) -> None:
+    (tmp_path / "shout.yaml").write_text(SHOUT_YAML, "utf-8")
+    engine = Engine(trace_path=tmp_path / "traces.sqlite")
+    settings = ServerSettings(auth=False, pipelines=(str(tmp_path / "shout.yaml"),))
+    with serving(create_app(engine, settings)) as url:
+        async with aiohttp.ClientSession(url.removesuffix("/v1")) as client:
+            run_id = (await start(client, {"inputs": {"text": "hi"}})).json()["id"]
+            info = await wait_done(client, run_id)
+    await engine.aclose()
+    assert info["status"] == "ok", info
+    assert info["result"]["output"] == "HI!"
+
+
+SHOUT_YAML = """\
+name: shout
+inputs: [text]
+output: loud
+steps:
+  - name: loud
+    kind: python
+    fn: test_server_pipelines:loud
+    inputs: [text]
+"""
+
+
+def loud(text: str) -> str:
+    return text.upper() + "!"

@@ -363,3 +363,10 @@ def register_routes(engine: Engine) -> None:
     for name, spec in ROUTED.items():
         if name not in engine.route_names:
             engine.add_route(name, build_route(spec, engine.fleet, traces=engine.traces))
+
+
+def pipeline(engine: Engine) -> Pipeline:
+    """The rental pipeline, its routes registered on `engine`: the `shoal.pipelines` entry point
+    (pyproject.toml) that `shoal serve --pipeline rental` finds."""
+    register_routes(engine)
+    return build()

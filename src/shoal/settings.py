@@ -202,6 +202,10 @@ class ServerSettings(_Spec):
     )
     log_prompts: bool = Field(default=False, description="log prompts and answers (debug only)")
     metrics_auth: bool = Field(default=False, description="/metrics needs an API key too")
+    pipelines: tuple[str, ...] = Field(
+        default=(),
+        description="pipelines to serve: registered names (`shoal pipelines list`) or YAML files",
+    )
 
     @model_validator(mode="after")
     def _metrics_auth_needs_keys(self) -> ServerSettings:

@@ -19,6 +19,7 @@ from shoal.errors import (
     ModelNotInstalledError,
     ShoalError,
     UnknownModelError,
+    UnknownPipelineError,
     UnknownRouteError,
     WeightsCorruptedError,
 )
@@ -38,6 +39,7 @@ T = TypeVar("T")
 BAD_INPUT = (
     ConfigError,
     UnknownModelError,
+    UnknownPipelineError,
     UnknownRouteError,
     InvalidRequestError,
     ModelNotInstalledError,

@@ -354,10 +354,11 @@ app.add_typer(keys_app, name="keys")
 
 # -- pipelines (commands in cli/run.py) ----------------------------------------------------------
 
-from shoal.cli.run import run_app, runs_app  # noqa: E402
+from shoal.cli.run import pipelines_app, run_app, runs_app  # noqa: E402
 
 app.add_typer(run_app, name="run")
 app.add_typer(runs_app, name="runs")
+app.add_typer(pipelines_app, name="pipelines")
 
 
 if __name__ == "__main__":

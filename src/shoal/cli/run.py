@@ -5,26 +5,91 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.main
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.tree import Tree
+from typer._click.core import Command, Context  # the click that typer's groups are written in
+from typer.core import TyperGroup
 
 from shoal.cli.common import FleetOption, err, fail, out
 from shoal.engine import Engine
-from shoal.errors import ShoalError
+from shoal.errors import ConfigError, PipelineError, ShoalError
 from shoal.fleet import Fleet
 from shoal.messages import Usage
+from shoal.pipeline import registry
 from shoal.pipeline.cache import ResponseCache
+from shoal.pipeline.graph import Pipeline
 from shoal.pipeline.run import RunEvent, Runner, RunResult
 from shoal.traces.store import CallRecord, RunRecord, TraceStore
 
-run_app = typer.Typer(help="Run a pipeline.", no_args_is_help=True)
+
+class _RunGroup(TyperGroup):
+    """`shoal run NAME ...`: the pipeline NAME (a YAML file or a registered name) run with
+    `--input key=value`, unless an app registered a command of that name (entry-point group
+    `shoal.run_commands`) and no `--input` is given."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | {ep.name for ep in _run_commands()})
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        for ep in _run_commands():
+            if ep.name == cmd_name:
+                return _app_command(ep)
+        return None
+
+    def resolve_command(
+        self, ctx: Context, args: list[str]
+    ) -> tuple[str | None, Command | None, list[str]]:
+        if args and not args[0].startswith("-") and args[0] != PIPELINE:
+            given = any(a == "--input" or a.startswith("--input=") for a in args)
+            if given or self.get_command(ctx, args[0]) is None:
+                return PIPELINE, super().get_command(ctx, PIPELINE), args
+        return super().resolve_command(ctx, args)
+
+
+RUN_COMMANDS = "shoal.run_commands"
+PIPELINE = "pipeline"
+
+
+def _run_commands() -> list[EntryPoint]:
+    return list(entry_points(group=RUN_COMMANDS))
+
+
+def _app_command(ep: EntryPoint) -> Command:
+    """The command an app registered under `shoal run` (a function typer can turn into one)."""
+    try:
+        function = ep.load()
+    except Exception as exc:  # an app's import may fail in any way
+        problem = PipelineError(
+            f"cannot load the command `shoal run {ep.name}` (entry point {ep.value!r} in group "
+            f"{RUN_COMMANDS!r}): {type(exc).__name__}: {exc}"
+        )
+        raise fail(problem) from None
+    single = typer.Typer()
+    single.command(ep.name)(function)
+    return typer.main.get_command(single)
+
+
+run_app = typer.Typer(
+    cls=_RunGroup,
+    help="Run a pipeline: `shoal run FILE.yaml --input key=value ...`, `shoal run NAME --input "
+    "key=value ...` (see `shoal pipelines list`), or a command an app registered (`shoal run "
+    "rental`).",
+    no_args_is_help=True,
+)
 runs_app = typer.Typer(help="Recorded runs: list them, show where the money and time went.")
+pipelines_app = typer.Typer(help="The pipelines apps have registered.", no_args_is_help=True)
 
 
 class _Progress:
@@ -51,40 +116,32 @@ class _Progress:
                 self.progress.update(task, description=f"{event.step} [yellow]({said})[/]")
 
 
-@run_app.command("rental")
-def run_rental(
-    request: Annotated[str, typer.Argument(help="What the guest is looking for.")],
-    city: Annotated[str, typer.Option(help="albany | jersey-city")] = "albany",
-    budget: Annotated[float, typer.Option(min=0.0, help="USD this run may spend.")] = 0.01,
-    deadline: Annotated[float, typer.Option(min=1.0, help="Seconds this run may take.")] = 60.0,
-    all_large: Annotated[
-        bool, typer.Option("--all-large", help="Every model step on the large model.")
-    ] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse answers.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    fleet_file: FleetOption = None,
+def run_pipeline(
+    engine: Engine,
+    pipeline: Pipeline,
+    inputs: dict[str, Any],
+    *,
+    budget_usd: float | None,
+    deadline_s: float | None,
+    use_cache: bool = True,
+    as_json: bool = False,
+    render: Callable[[RunResult], None] | None = None,
 ) -> None:
-    """The rental assistant on Inside Airbnb listings: criteria, shortlist, scores, answer."""
-    from shoal_examples.rental import pipeline as rental
-
-    try:
-        engine = Engine(Fleet.from_file(fleet_file))
-        rental.register_routes(engine)
-        pipeline = rental.all_large() if all_large else rental.build()
-    except ShoalError as exc:
-        raise fail(exc) from None
+    """Run `pipeline` on `engine` with progress bars, print the result (JSON with `as_json`,
+    else `render`'s way, by default the output), close the engine; exit 1 if the run failed.
+    For commands apps register under `shoal run`."""
 
     async def go() -> RunResult:
-        cache = None if no_cache else ResponseCache(engine.fleet.cache_dir / "answers.sqlite")
+        cache = ResponseCache(engine.fleet.cache_dir / "answers.sqlite") if use_cache else None
         runner = Runner(engine, traces=engine.traces, cache=cache, concurrency=4)
         columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn())
         try:
             with Progress(*columns, TimeElapsedColumn(), console=err, transient=as_json) as bar:
                 return await runner.run(
                     pipeline,
-                    {"request": request, "city": city},
-                    budget_usd=budget,
-                    deadline_s=deadline,
+                    inputs,
+                    budget_usd=budget_usd,
+                    deadline_s=deadline_s,
                     on_event=_Progress(bar),
                 )
         finally:
@@ -99,43 +156,101 @@ def run_rental(
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json", exclude={"values"}), indent=2))
     else:
-        _render_rental(result)
+        (render or _render_output)(result)
+        print_status(result)
     if result.status == "failed":
         raise typer.Exit(1)
 
 
-def _render_rental(result: RunResult) -> None:
-    answer = result.output or {}
-    criteria = answer.get("criteria") or result.values.get("criteria") or {}
-    if criteria:
-        wanted = ", ".join(f"{k}={v}" for k, v in criteria.items() if v not in (None, [], ""))
-        out.print(f"[bold]criteria[/] {wanted}", highlight=False)
-    table = Table("#", "listing", "$/night", "bedrooms", "km to downtown", "rating", "score", "why")
-    for i, r in enumerate(answer.get("ranked") or [], start=1):
-        table.add_row(
-            str(i),
-            r["title"],
-            f"{r['price']:.0f}",
-            str(r["bedrooms"]),
-            f"{r['km_to_downtown']:.1f}",
-            f"{r['rating']:.2f}" if r["rating"] else "-",
-            f"{r['score']}/10",
-            r["reason"],
-        )
-    if table.row_count:
-        out.print(table)
-    if answer.get("explanation"):
-        out.print(answer["explanation"], highlight=False)
-    if answer.get("note"):
-        err.print(f"[dim]{answer['note']}[/]", highlight=False)
+def _render_output(result: RunResult) -> None:
+    output = result.model_dump(mode="json", include={"output"}).get("output")
+    if isinstance(output, str):
+        out.print(output, markup=False, highlight=False)
+    elif output is not None:
+        typer.echo(json.dumps(output, indent=2))
+
+
+def print_status(result: RunResult) -> None:
+    """The run's status, cost against its budget, time and id, on standard error."""
     colour = {"ok": "green", "partial": "yellow", "failed": "red"}[result.status]
     reason = f" — {result.stop_reason}" if result.stop_reason else ""
+    budget = f" of ${result.budget_usd:g}" if result.budget_usd is not None else ""
     err.print(
-        f"[{colour}]{result.status}[/]{reason} · ${result.cost_usd:.6f} of "
-        f"${result.budget_usd or 0:g} · {result.wall_s:.1f} s · run {result.run_id} "
-        f"(shoal runs show {result.run_id})",
+        f"[{colour}]{result.status}[/]{reason} · ${result.cost_usd:.6f}{budget} · "
+        f"{result.wall_s:.1f} s · run {result.run_id} (shoal runs show {result.run_id})",
         highlight=False,
     )
+
+
+def _parse_inputs(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` pairs; a value is JSON where it parses as JSON, else the string itself."""
+    inputs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--input {pair!r}: write it as key=value")
+        try:
+            inputs[key] = json.loads(text)
+        except json.JSONDecodeError:
+            inputs[key] = text
+    return inputs
+
+
+@run_app.command(PIPELINE, hidden=True)
+def run_any(
+    target: Annotated[
+        str, typer.Argument(help="A pipeline YAML file, or a registered pipeline's name.")
+    ],
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option("--input", "-i", help="An input, key=value (the value as JSON if it is)."),
+    ] = None,
+    budget: Annotated[
+        float | None, typer.Option(min=0.0, help="USD this run may spend (default: no limit).")
+    ] = None,
+    deadline: Annotated[
+        float | None, typer.Option(min=0.0, help="Seconds this run may take (default: none).")
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse answers.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    fleet_file: FleetOption = None,
+) -> None:
+    """Any pipeline: a YAML file or a registered name, its inputs given with --input."""
+    try:
+        values = _parse_inputs(inputs or [])
+        engine = Engine(Fleet.from_file(fleet_file))
+    except ShoalError as exc:
+        raise fail(exc) from None
+    try:
+        pipeline = registry.load(target, engine)
+    except ShoalError as exc:
+        asyncio.run(engine.aclose())
+        raise fail(exc) from None
+    run_pipeline(
+        engine,
+        pipeline,
+        values,
+        budget_usd=budget,
+        deadline_s=deadline,
+        use_cache=not no_cache,
+        as_json=as_json,
+    )
+
+
+@pipelines_app.command("list")
+def pipelines_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """The registered pipelines (entry-point group `shoal.pipelines`): name and source."""
+    found = registry.registered()
+    if as_json:
+        data = [{"name": p.name, "source": p.source, "kind": "entry point"} for p in found]
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table("name", "source")
+    for p in found:
+        table.add_row(p.name, f"entry point {p.source}")
+    out.print(table)
 
 
 # -- runs ---------------------------------------------------------------------------------------

@@ -92,8 +92,17 @@ def serve(
     traces: Annotated[
         Path | None, typer.Option(help="Trace store (default: traces.sqlite in the cache folder).")
     ] = None,
+    pipeline: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pipeline",
+            help="Serve this pipeline at /v1/pipelines/NAME/runs: a registered name (`shoal "
+            "pipelines list`) or a YAML file; repeatable. None by default.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve the fleet (and its routes) over an OpenAI-compatible HTTP API."""
+    """Serve the fleet (and its routes) over an OpenAI-compatible HTTP API, and the pipelines
+    named with --pipeline."""
     import uvicorn
 
     from shoal.cli.common import fail as _fail
@@ -116,6 +125,7 @@ def serve(
             max_body_bytes=max_body_bytes,
             log_prompts=log_prompts,
             metrics_auth=metrics_auth,
+            pipelines=tuple(pipeline or ()),
         )
     except ValidationError as exc:
         problem = ConfigError(f"invalid server settings: {_problems(exc)}")
@@ -136,6 +146,11 @@ def serve(
         f"shoal: {len(engine.names)} models and routes on {scheme}://{host}:{port}/v1 ({where})",
         highlight=False,
     )
+    served = app.state.shoal.runs.pipelines
+    if served:
+        err.print(
+            f"shoal: pipelines {', '.join(served)} at /v1/pipelines/NAME/runs", highlight=False
+        )
     if not tls_cert and not is_loopback(host):
         err.print("[bold yellow]warning:[/] API keys cross the network in clear (no --tls-cert)")
     quiet_garbage_collector()

@@ -2,7 +2,8 @@
 
 Everything the app holds hangs off `app.state.shoal` (`ServerState`, in `state`).
 
-    app = create_app(Engine(), ServerSettings(auth=False))  # serves the rental pipeline
+    app = create_app(Engine(), ServerSettings(auth=False))  # models and routes, no pipelines
+    app = create_app(engine, ServerSettings(pipelines=("rental", "triage.yaml")))
     app = create_app(engine, settings, pipelines={"triage": triage})
     uvicorn.run(app, host="127.0.0.1", port=8000)
 """
@@ -10,7 +11,7 @@ Everything the app holds hangs off `app.state.shoal` (`ServerState`, in `state`)
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -19,13 +20,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shoal.engine import Engine
-from shoal.errors import ShoalError
+from shoal.errors import PipelineError, ShoalError
+from shoal.pipeline import registry
 from shoal.pipeline.graph import Pipeline
 from shoal.server.errors import ErrorReply, error_reply, http_error_reply
 from shoal.server.keys import KeyStore
 from shoal.server.metrics import Metrics
 from shoal.server.routes import ROUTES
-from shoal.server.runbook import KEEP_RUNS, MAX_RUNS, RunBook, default_pipelines
+from shoal.server.runbook import KEEP_RUNS, MAX_RUNS, RunBook
 from shoal.server.runs import RUN_ROUTES
 from shoal.server.state import KEYS_FILE, ServerState
 from shoal.settings import ServerSettings
@@ -60,6 +62,18 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return _reply(error_reply(exc), request)
 
 
+def named_pipelines(engine: Engine, names: Sequence[str]) -> dict[str, Pipeline]:
+    """The pipelines an operator named (registered names or YAML files), by pipeline name; a
+    name that cannot be loaded, or two that give one pipeline name, is an error."""
+    pipelines: dict[str, Pipeline] = {}
+    for target in names:
+        pipeline = registry.load(target, engine)
+        if pipeline.name in pipelines:
+            raise PipelineError(f"two pipelines named {pipeline.name!r} (the second from {target})")
+        pipelines[pipeline.name] = pipeline
+    return pipelines
+
+
 def create_app(
     engine: Engine,
     settings: ServerSettings | None = None,
@@ -69,14 +83,16 @@ def create_app(
     keep_runs: int = KEEP_RUNS,
     close_engine: bool = False,
 ) -> Starlette:
-    """The server for `engine`. It runs `pipelines` by name (by default the rental pipeline,
-    its routes registered on `engine`), at most `max_runs` at once, and keeps the last
-    `keep_runs` finished runs readable. With `close_engine`, the app closes the engine when it
-    stops (the command line hands it over); otherwise the caller keeps it. With API keys, the
-    app holds its keys file from now until it stops: `KeysInUseError` if another server does."""
+    """The server for `engine`. It runs `pipelines` by name (by default those `settings.pipelines`
+    names, registered pipelines or YAML files; none when it names none), at most `max_runs` at
+    once, and keeps the last `keep_runs` finished runs readable. Nothing is added to `engine`
+    unless a named registered pipeline adds the routes it needs (as the rental one does). With
+    `close_engine`, the app closes the engine when it stops (the command line hands it over);
+    otherwise the caller keeps it. With API keys, the app holds its keys file from now until it
+    stops: `KeysInUseError` if another server does."""
     settings = settings or ServerSettings()
     if pipelines is None:
-        pipelines = default_pipelines(engine)
+        pipelines = named_pipelines(engine, settings.pipelines)
     runs = RunBook(pipelines, max_runs=max_runs, keep_runs=keep_runs)
     keys = None
     if settings.auth:

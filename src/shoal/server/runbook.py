@@ -8,18 +8,15 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from shoal.errors import ConfigError, RateLimitedError, UnknownPipelineError, UnknownRunError
+from shoal.errors import RateLimitedError, UnknownPipelineError, UnknownRunError
 from shoal.ledger import Hold
 from shoal.pipeline.graph import Pipeline
 from shoal.pipeline.run import RunEvent, RunResult
 from shoal.server.keys import KeyState
-
-if TYPE_CHECKING:
-    from shoal.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -161,17 +158,3 @@ class RunBook:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def default_pipelines(engine: Engine) -> dict[str, Pipeline]:
-    """The rental pipeline, its routes registered on `engine`; none when the fleet lacks the
-    models those routes need (said in the log, and a request for it is a 404 listing none)."""
-    from shoal_examples.rental import pipeline as rental
-
-    try:
-        rental.register_routes(engine)
-    except ConfigError as exc:
-        log.warning("not serving the rental pipeline: %s", exc)
-        return {}
-    pipeline: Pipeline = rental.build()
-    return {pipeline.name: pipeline}

@@ -1,0 +1,75 @@
+"""`shoal run rental "request" --city albany`: the rental assistant's own command, registered
+under the entry-point group `shoal.run_commands` (pyproject.toml)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shoal.cli.common import FleetOption, err, fail, out
+from shoal.cli.run import run_pipeline
+from shoal.engine import Engine
+from shoal.errors import ShoalError
+from shoal.fleet import Fleet
+from shoal.pipeline.run import RunResult
+from shoal_examples.rental import pipeline as rental
+
+
+def run_rental(
+    request: Annotated[str, typer.Argument(help="What the guest is looking for.")],
+    city: Annotated[str, typer.Option(help="albany | jersey-city")] = "albany",
+    budget: Annotated[float, typer.Option(min=0.0, help="USD this run may spend.")] = 0.01,
+    deadline: Annotated[float, typer.Option(min=1.0, help="Seconds this run may take.")] = 60.0,
+    all_large: Annotated[
+        bool, typer.Option("--all-large", help="Every model step on the large model.")
+    ] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not reuse answers.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    fleet_file: FleetOption = None,
+) -> None:
+    """The rental assistant on Inside Airbnb listings: criteria, shortlist, scores, answer."""
+    try:
+        engine = Engine(Fleet.from_file(fleet_file))
+        rental.register_routes(engine)
+        pipeline = rental.all_large() if all_large else rental.build()
+    except ShoalError as exc:
+        raise fail(exc) from None
+    run_pipeline(
+        engine,
+        pipeline,
+        {"request": request, "city": city},
+        budget_usd=budget,
+        deadline_s=deadline,
+        use_cache=not no_cache,
+        as_json=as_json,
+        render=render,
+    )
+
+
+def render(result: RunResult) -> None:
+    """The criteria, the ranked listings and the explanation."""
+    answer = result.output or {}
+    criteria = answer.get("criteria") or result.values.get("criteria") or {}
+    if criteria:
+        wanted = ", ".join(f"{k}={v}" for k, v in criteria.items() if v not in (None, [], ""))
+        out.print(f"[bold]criteria[/] {wanted}", highlight=False)
+    table = Table("#", "listing", "$/night", "bedrooms", "km to downtown", "rating", "score", "why")
+    for i, r in enumerate(answer.get("ranked") or [], start=1):
+        table.add_row(
+            str(i),
+            r["title"],
+            f"{r['price']:.0f}",
+            str(r["bedrooms"]),
+            f"{r['km_to_downtown']:.1f}",
+            f"{r['rating']:.2f}" if r["rating"] else "-",
+            f"{r['score']}/10",
+            r["reason"],
+        )
+    if table.row_count:
+        out.print(table)
+    if answer.get("explanation"):
+        out.print(answer["explanation"], highlight=False)
+    if answer.get("note"):
+        err.print(f"[dim]{answer['note']}[/]", highlight=False)
