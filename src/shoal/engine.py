@@ -402,50 +402,45 @@ class _Tab:
         decided = decided or self.plan.decision
         decision = decided.model_dump(mode="json") if decided else None
         run_id, step, item, route = self.run_id, self.step, self.item, self.plan.route
+
+        def unanswered(
+            model: str, status: str, error: str | None, seconds: float, cost: float
+        ) -> CallRecord:
+            """The row of a model call that gave no answer (failed, cut short)."""
+            return CallRecord(
+                model=model,
+                status=status,
+                error=error,
+                route=route,
+                latency_s=seconds,
+                cost_usd=whole_pico(cost),
+                decision=decision,
+                started_at=self.started,
+                finished_at=now,
+                run_id=run_id,
+                step=step,
+                item=item,
+            )
+
         records = [_record(a, self.started, now, run_id, step, item, decision, route) for a in paid]
         for k, failed in enumerate(self.stages_failed):  # stages a route moved on from
             cost, card = 0.0, self._card(failed.model)
             if card is not None and not failed.before_work:
                 cost = card.partial_cost(self.request, seconds=failed.seconds, delivered=0)
-            records.insert(
-                self.failed_after[k] + k,  # in the order the stages ran
-                CallRecord(
-                    model=failed.model,
-                    status="error",
-                    error=failed.error,
-                    route=route,
-                    latency_s=failed.seconds,
-                    cost_usd=whole_pico(cost),
-                    decision=decision,
-                    started_at=self.started,
-                    finished_at=now,
-                    run_id=run_id,
-                    step=step,
-                    item=item,
-                ),
-            )
+            row = unanswered(failed.model, "error", failed.error, failed.seconds, cost)
+            records.insert(self.failed_after[k] + k, row)  # in the order the stages ran
         if ending is not None:
             status, exc, model, done = ending
-            cost = done.cost_usd if done is not None else self._cut_short(model, paid, exc)
-            records.append(
-                CallRecord(
-                    model=model,
-                    status=status,
-                    error=f"{type(exc).__name__}: {exc}" if exc is not None else None,
-                    route=self.plan.route,
-                    input_tokens=done.usage.input_tokens if done else 0,
-                    output_tokens=done.usage.output_tokens if done else 0,
-                    latency_s=time.perf_counter() - self.clock,
-                    compute_s=done.compute_s if done else 0.0,
-                    cost_usd=whole_pico(cost),
-                    decision=decision,
-                    started_at=self.started,
-                    finished_at=now,
-                    run_id=run_id,
-                    step=step,
-                    item=item,
+            error = f"{type(exc).__name__}: {exc}" if exc is not None else None
+            seconds = time.perf_counter() - self.clock
+            if done is None:
+                row = unanswered(model, status, error, seconds, self._cut_short(model, paid, exc))
+            else:  # answered in the wrong form: its usage and compute are known
+                row = _record(done, self.started, now, run_id, step, item, decision, route)
+                row = row.model_copy(
+                    update={"status": status, "error": error, "latency_s": seconds}
                 )
-            )
+            records.append(row)
         charged = sum(to_pico(r.cost_usd) for r in records)
         if self.hold is not None:
             self.hold.settle(charged)
