@@ -244,15 +244,17 @@ class BulkMiniLM(Embedder):
         self.threads = threads
         self.batch = batch
         self._bulk: Embedder | None = None
+        self._loading = threading.Lock()  # routing decisions embed from worker threads
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         if len(texts) < self.batch:
             return self.single.embed(texts)
-        if self._bulk is None:
-            try:
-                self._bulk = TorchMiniLM(self.threads)
-            except ModelNotInstalledError:
-                self._bulk = self.single
+        with self._loading:
+            if self._bulk is None:
+                try:
+                    self._bulk = TorchMiniLM(self.threads)
+                except ModelNotInstalledError:
+                    self._bulk = self.single
         return self._bulk.embed(texts)
 
 
