@@ -37,7 +37,7 @@ from shoal.engine import Engine
 from shoal.errors import KeysInUseError
 from shoal.ledger import to_pico
 from shoal.server import create_app
-from shoal.server.keys import KeyStore
+from shoal.server.keys import KeyStore, hash_key
 from shoal.settings import ServerSettings
 
 runner = CliRunner()
@@ -336,3 +336,32 @@ def test_a_reload_keeps_the_money_held_by_calls_in_flight(tmp_path: Path) -> Non
         assert state.account.spent_pusd == to_pico(0.1)
     finally:
         store.close()
+
+
+def test_charges_a_failed_write_kept_count_and_reach_the_file_later(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = KeyStore(tmp_path / "keys.sqlite")
+    key, _ = store.create("k", budget_usd=1.0, rpm=None)
+    state = store.authenticate(f"Bearer {key}")
+    real = store._db
+
+    class Failing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def executemany(self, *args: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    store._db = Failing()  # type: ignore[assignment]
+    state.account.reserve(0.25).settle(250_000_000_000)
+    store.flush()  # fails: the charge is kept
+    reloaded = store._load(hash_key(key), state)
+    assert reloaded is not None
+    assert reloaded.account.spent_pusd == 250_000_000_000  # not reset from the file
+    store._db = real
+    store.flush()
+    record = store.record("k")
+    assert record is not None
+    assert (record.spent_usd, record.requests) == (0.25, 1)
+    store.close()

@@ -179,8 +179,15 @@ class KeyStore:
                         [(charged, count, key_id) for key_id, (charged, count) in charges.items()],
                     )
                     self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                log.error("could not record key charges: %s", exc)
+            except sqlite3.Error as exc:  # kept, to be written with the next ones
+                log.error("could not record key charges (kept for the next write): %s", exc)
+                with self._lock:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                for key_id, (charged, count) in charges.items():
+                    total = self._charges.setdefault(key_id, [0, 0])
+                    total[0] += charged
+                    total[1] += count
 
     def _charge(self, key_id: str, charged: int) -> None:
         with self._flushing:
@@ -328,6 +335,8 @@ class KeyStore:
             self._live.pop(digest, None)
             return None
         key_id, name, budget, spent, rpm, revoked = row
+        with self._flushing:  # charges the file does not have yet (a write that failed)
+            spent += self._charges.get(key_id, [0, 0])[0]
         now = time.monotonic()
         if known is None:
             account = Account(f"key {name!r}", budget, spent)
