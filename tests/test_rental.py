@@ -304,3 +304,35 @@ def test_the_default_demo_answers_in_time_with_a_core_taken(tmp_path: Path) -> N
     assert result["output"]["ranked"], result["stop_reason"]
     assert result["wall_s"] <= 60.5
     assert wall < 90  # the process, model loading included
+
+
+def test_a_run_cut_short_shows_the_pre_ranked_listings_and_what_was_cut() -> None:
+    from shoal.cli.common import err, out
+    from shoal.pipeline.run import RunResult, StepOutcome
+    from shoal_examples.rental.cli import render
+
+    listing = {
+        "title": "Quiet flat by the river",
+        "price": 120.0,
+        "bedrooms": 2,
+        "km_to_downtown": 0.8,
+        "rating": 4.9,
+    }
+    result = RunResult(
+        run_id="r",
+        pipeline="rental",
+        status="partial",
+        stop_reason="deadline of 60 s reached",
+        values={"candidates": {"listings": [listing], "matched": 1, "note": "1 passed"}},
+        steps={
+            "candidates": StepOutcome(name="candidates", status="ok"),
+            "scores": StepOutcome(
+                name="scores", status="failed", error="cancelled at the deadline"
+            ),
+        },
+    )
+    with out.capture() as shown, err.capture() as said:
+        render(result)
+    assert "pre-ranked" in shown.get()
+    assert "Quiet flat by the river" in shown.get()
+    assert "cut: scores (cancelled at the deadline)" in said.get()

@@ -69,7 +69,32 @@ def render(result: RunResult) -> None:
         )
     if table.row_count:
         out.print(table)
+    elif result.status != "ok":
+        _pre_ranked(result)
     if answer.get("explanation"):
         out.print(answer["explanation"], highlight=False)
     if answer.get("note"):
         err.print(f"[dim]{answer['note']}[/]", highlight=False)
+
+
+def _pre_ranked(result: RunResult) -> None:
+    """A run cut short before its ranking: what it had finished, the listings that passed the
+    filters, best pre-ranked first, and which steps were cut and why."""
+    listings = (result.values.get("candidates") or {}).get("listings") or []
+    if listings:
+        table = Table("#", "listing", "$/night", "bedrooms", "km to downtown", "rating")
+        for i, item in enumerate(listings[:5], start=1):
+            table.add_row(
+                str(i),
+                item["title"],
+                f"{item['price']:.0f}",
+                str(item["bedrooms"]),
+                f"{item['km_to_downtown']:.1f}",
+                f"{item['rating']:.2f}" if item["rating"] else "-",
+            )
+        out.print("[bold]no ranking in time; the listings that passed the filters, pre-ranked:[/]")
+        out.print(table)
+    for name, step in result.steps.items():
+        if step.status not in ("ok", "skipped") or (step.status == "skipped" and step.error):
+            why = step.error or "not finished"
+            err.print(f"[yellow]cut: {name} ({why})[/]", highlight=False)
