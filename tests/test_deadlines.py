@@ -14,6 +14,8 @@ from shoal.engine import Engine
 from shoal.errors import PipelineError
 from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.pipeline.run import Runner
+from shoal.routing.base import RoutedModel
+from shoal.routing.policies import FallbackRouter, LatencySLORouter
 from shoal.speeds import LiveSpeeds
 
 PRICE = TokenPrice(input_per_mtok=1.0, output_per_mtok=2.0)
@@ -204,4 +206,26 @@ async def test_a_skipped_fan_out_leaves_a_gap_per_item(tmp_path: Path) -> None:
     assert result.output == "no notes"
     assert result.steps["notes"].skipped_for_time
     assert slow.calls == []
+    await engine.aclose()
+
+
+async def test_a_route_with_a_deadline_judges_models_at_their_recent_speed(
+    tmp_path: Path,
+) -> None:
+    engine = Engine(Fleet(), trace_path=tmp_path / "traces.sqlite")
+    slow = FunctionModel(lambda r: "slow answer", model_id="slow", price=PRICE)
+    quick = FunctionModel(lambda r: "quick answer", model_id="quick", price=PRICE)
+    router = LatencySLORouter(FallbackRouter(["slow", "quick"]), deadline_s=2.0)
+    engine.add_route("r", RoutedModel("r", router, [slow, quick]))
+    request = ChatRequest.of(PROMPT, max_tokens=8)
+    first = (await engine.plan("r", request)).decision
+    assert first is not None
+    assert (first.models, first.target_met) == (("slow",), False)  # nothing known yet: says so
+    for _ in range(2):  # the first call of a process is left out
+        engine.speeds.observe(answered("slow", prompt_s=10.0, tokens=20))
+        engine.speeds.observe(answered("quick", prompt_s=0.1, tokens=20))
+    then = (await engine.plan("r", request)).decision
+    assert then is not None
+    assert (then.models, then.target_met) == (("quick",), True)
+    assert "too slow for the 2 s deadline: slow" in then.reason
     await engine.aclose()

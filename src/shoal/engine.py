@@ -126,9 +126,9 @@ class Engine:
                 route=name,
             )
         if model.blocking:
-            decision = await asyncio.to_thread(model.decide, request)
+            decision = await asyncio.to_thread(model.decide, request, self.speeds.get)
         else:
-            decision = model.decide(request)
+            decision = model.decide(request, self.speeds.get)
         return CallPlan(
             name,
             request,

@@ -19,7 +19,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import numpy as np
@@ -197,10 +197,13 @@ class RoutedModel(Model):
     def update_stats(self, stats: RouteStats) -> None:
         self.stats.update(stats)
 
-    def decide(self, request: ChatRequest) -> RouteDecision:
-        """The route's choice for `request`: made once per call (`Engine.plan`), then run."""
+    def decide(self, request: ChatRequest, live: LiveSpeed = _unknown) -> RouteDecision:
+        """The route's choice for `request`: made once per call (`Engine.plan`), then run.
+
+        A model that has answered lately (`live`) is expected to take what this request would
+        take at its recent speed, so a deadline is judged on how the model runs now."""
         started = time.perf_counter()
-        decision = self.router.choose(request, self.candidates, self.stats)
+        decision = self.router.choose(request, self.candidates, self._stats_for(request, live))
         unknown = [m for m in decision.models if m not in self._models]
         if unknown:
             raise ConfigError(
@@ -210,6 +213,18 @@ class RoutedModel(Model):
         if not decision.target_met:
             log.warning("route %s: target not met: %s", self.name, decision.reason)
         return decision.model_copy(update={"decision_s": time.perf_counter() - started})
+
+    def _stats_for(self, request: ChatRequest, live: LiveSpeed) -> RouteStats:
+        stats: dict[str, ModelStats] | None = None
+        for model_id, model in self._models.items():
+            speed = live(model_id)
+            if speed is None:
+                continue
+            stats = stats if stats is not None else dict(self.stats)
+            seconds = model.card.expected_seconds(request, speed)
+            prior = stats.get(model_id, ModelStats())
+            stats[model_id] = replace(prior, latency_p50_s=seconds, latency_p95_s=seconds * 1.5)
+        return self.stats if stats is None else stats
 
     @property
     def blocking(self) -> bool:
