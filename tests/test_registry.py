@@ -34,6 +34,10 @@ def not_a_pipeline(engine: Engine) -> str:
     return "nope"
 
 
+def fails_to_build(engine: Engine) -> Pipeline:
+    raise KeyError("routes")
+
+
 @pytest.fixture
 def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An installed distribution that registers three pipelines: one that works, one whose
@@ -46,6 +50,7 @@ def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         "echo = test_registry:build\n"
         "broken = echo_app.missing:build\n"
         "odd = test_registry:not_a_pipeline\n"
+        "failing = test_registry:fails_to_build\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
 
@@ -70,6 +75,8 @@ def test_a_broken_entry_point_is_an_error_naming_it(installed: None, engine: Eng
         registry.load("broken", engine)
     with pytest.raises(PipelineError, match=r"pipeline 'odd'.* gave str, not a Pipeline"):
         registry.load("odd", engine)
+    with pytest.raises(PipelineError, match=r"pipeline 'failing'.*KeyError: 'routes'"):
+        registry.load("failing", engine)
     with pytest.raises(UnknownPipelineError, match=r"valid pipelines: .*echo"):
         registry.load("nope", engine)
 
@@ -108,6 +115,9 @@ def test_shoal_run_runs_a_registered_pipeline_by_name(installed: None, tmp_path:
     broken = runner.invoke(app, ["run", "broken", "--input", "text=hi"], env=env)
     assert broken.exit_code == 2
     assert "pipeline 'broken'" in broken.stderr
+    failing = runner.invoke(app, ["run", "failing", "--input", "text=hi"], env=env)
+    assert failing.exit_code == 2, failing.output
+    assert "pipeline 'failing'" in failing.stderr
 
 
 def test_an_app_command_keeps_its_name_under_shoal_run() -> None:
@@ -123,3 +133,48 @@ def test_serve_refuses_a_pipeline_it_cannot_load(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--no-auth", "--pipeline", "nope"], env=env)
     assert result.exit_code == 2
     assert "unknown pipeline 'nope'" in result.stderr
+
+
+def test_a_yaml_file_whose_steps_module_breaks_is_an_error(tmp_path: Path) -> None:
+    """A steps module that fails to import (not only one that is missing) is a clear error."""
+    (tmp_path / "broken_steps.py").write_text("def twice(n):\n    return 2 *\n")
+    path = tmp_path / "broken.yaml"
+    path.write_text(
+        "name: broken\ninputs: [n]\noutput: doubled\nsteps:\n"
+        "  - {name: doubled, kind: python, fn: 'broken_steps:twice', inputs: [n]}\n"
+    )
+    env = {"SHOAL_CACHE_DIR": str(tmp_path / "cache")}
+    try:
+        result = runner.invoke(app, ["run", str(path), "--input", "n=2"], env=env)
+    finally:
+        if str(tmp_path.resolve()) in sys.path:
+            sys.path.remove(str(tmp_path.resolve()))
+        sys.modules.pop("broken_steps", None)
+    assert result.exit_code == 2, result.output
+    assert "cannot import 'broken_steps:twice'" in result.stderr
+
+
+def test_two_yaml_files_cannot_share_a_steps_module_name(tmp_path: Path, engine: Engine) -> None:
+    paths = []
+    for folder, value in (("a", "one"), ("b", "two")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "clash_steps.py").write_text(
+            f"def out() -> str:\n    return {value!r}\n"
+        )
+        path = tmp_path / folder / "p.yaml"
+        path.write_text(
+            "name: p\ninputs: []\noutput: out\nsteps:\n"
+            "  - {name: out, kind: python, fn: 'clash_steps:out'}\n"
+        )
+        paths.append(path)
+    try:
+        assert registry.load(str(paths[0]), engine).name == "p"
+        assert registry.load(str(paths[0]), engine).name == "p"  # the same file again: fine
+        with pytest.raises(PipelineError, match="has the name of another module"):
+            registry.load(str(paths[1]), engine)  # would silently run a's code
+    finally:
+        for path in paths:
+            folder = str(path.parent.resolve())
+            if folder in sys.path:
+                sys.path.remove(folder)
+        sys.modules.pop("clash_steps", None)

@@ -16,13 +16,15 @@ or `.yml`, or names a file, is a pipeline in YAML (`spec.load_yaml`).
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import sys
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from shoal.errors import PipelineError, UnknownPipelineError
+from shoal.errors import PipelineError, ShoalError, UnknownPipelineError
 from shoal.pipeline.graph import Pipeline
 from shoal.pipeline.spec import load_yaml
 
@@ -59,10 +61,28 @@ def load_file(path: Path) -> Pipeline:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise PipelineError(f"cannot read pipeline {path}: {exc.strerror}") from exc
-    folder = str(path.resolve().parent)
-    if folder not in sys.path:
-        sys.path.append(folder)
+    folder = path.resolve().parent
+    for module in _local_modules(text, folder):
+        spec = importlib.util.find_spec(module) if module not in sys.modules else None
+        origin = getattr(sys.modules.get(module), "__file__", None) or (spec and spec.origin)
+        if origin and Path(origin).resolve() != folder / f"{module}.py":
+            raise PipelineError(
+                f"{path}: its steps module {module!r} ({folder / f'{module}.py'}) has the name of "
+                f"another module already found at {origin}: rename it"
+            )
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
     return load_yaml(text, source=str(path))
+
+
+def _local_modules(text: str, folder: Path) -> set[str]:
+    """The top-level modules the YAML's import paths (`module:name`) name that live in
+    `folder` as `module.py`."""
+    found = set()
+    for top in re.findall(r"\b(?:fn|output):\s*['\"]?([A-Za-z_]\w*)[\w.]*:", text):
+        if (folder / f"{top}.py").is_file():
+            found.add(top)
+    return found
 
 
 def load_registered(name: str, engine: Any) -> Pipeline:
@@ -80,7 +100,12 @@ def load_registered(name: str, engine: Any) -> Pipeline:
         raise PipelineError(f"cannot load {where}: {type(exc).__name__}: {exc}") from exc
     if not callable(build):
         raise PipelineError(f"{where} is not callable: it should take the engine")
-    pipeline = build(engine)
+    try:
+        pipeline = build(engine)
+    except ShoalError:
+        raise  # already says what is wrong (a fleet without the models its routes need)
+    except Exception as exc:  # an app's code may fail in any way
+        raise PipelineError(f"cannot build {where}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(pipeline, Pipeline):
         raise PipelineError(f"{where} gave {type(pipeline).__name__}, not a Pipeline")
     return pipeline

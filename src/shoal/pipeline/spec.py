@@ -77,8 +77,8 @@ def _import(path: str) -> Any:
         value: Any = importlib.import_module(module)
         for part in attr.split("."):
             value = getattr(value, part)
-    except (ImportError, AttributeError) as exc:
-        raise PipelineError(f"cannot import {path!r}: {exc}") from exc
+    except Exception as exc:  # a module's import may fail in any way (a syntax error too)
+        raise PipelineError(f"cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
     return value
 
 
