@@ -52,7 +52,6 @@ from shoal.openai_wire import (
     completion_of,
     to_chat_request,
 )
-from shoal.server import sse
 from shoal.server.errors import error_reply
 from shoal.server.http import (
     JSON_TYPE,
@@ -63,6 +62,7 @@ from shoal.server.http import (
     unless_gone,
 )
 from shoal.server.openapi import openapi_spec
+from shoal.server.sse import DONE_BYTES, KEEP_ALIVE_BYTES, Data, Failure, encode
 from shoal.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -321,10 +321,10 @@ async def _events(
     (answered, failed, left)."""
     try:
         if not pending.done():
-            yield sse.KEEP_ALIVE_BYTES
+            yield KEEP_ALIVE_BYTES
         while True:
             while not (await asyncio.wait({pending}, timeout=KEEP_ALIVE_S))[0]:
-                yield sse.KEEP_ALIVE_BYTES
+                yield KEEP_ALIVE_BYTES
             try:
                 event = pending.result()
             except StopAsyncIteration:
@@ -333,18 +333,18 @@ async def _events(
                 ) from None
             if isinstance(event, TextDelta | Completed):
                 for chunk in writer.chunks(event):
-                    yield sse.encode(sse.Data(chunk))
+                    yield encode(Data(chunk))
             if isinstance(event, Completed):
                 call.end("ok", event.response)
                 break
             pending = asyncio.ensure_future(anext(events))
-        yield sse.DONE_BYTES
+        yield DONE_BYTES
     except Exception as exc:  # after the first byte, an error can only be an event
         if not isinstance(exc, ShoalError):
             log.error("unexpected %s in the stream of %s", type(exc).__name__, call.plan.name)
         call.failed(exc)
-        yield sse.encode(sse.Failure(error_reply(exc).body))
-        yield sse.DONE_BYTES
+        yield encode(Failure(error_reply(exc).body))
+        yield DONE_BYTES
     finally:
         await _close(pending, events)
         call.end("cancelled")  # the client left, or the server is shutting down

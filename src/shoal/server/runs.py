@@ -36,10 +36,10 @@ from shoal.errors import MalformedRequestError
 from shoal.ledger import to_pico, to_usd
 from shoal.pipeline.graph import Pipeline
 from shoal.pipeline.run import Runner, RunResult
-from shoal.server import sse
 from shoal.server.http import JSON_TYPE, EventStreamResponse, read_body, request_error
 from shoal.server.keys import KeyState
 from shoal.server.runbook import Run, RunInfo, RunRequest
+from shoal.server.sse import Data, encode
 from shoal.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ async def _event_bytes(run: Run) -> AsyncGenerator[bytes, None]:
     events = run.follow()
     async with contextlib.aclosing(events):
         async for event in events:
-            yield sse.encode(sse.Data(event))
+            yield encode(Data(event))
 
 
 RUN_ROUTES: list[Route] = [
