@@ -9,10 +9,10 @@ name (a model id or a route name) is planned, run, charged and recorded:
         ...
     # the engine settled `hold` to what the call cost and traced the same figures
 
-`execute` collects `stream`, so a non-streamed call takes the same path. However a call ends
-(answered, failed, cancelled by its caller), its charge is computed here once, from the answers
-it got and, for work cut short, what it measurably consumed (`ModelCard.partial_cost`); the
-hold is settled to that charge and the trace rows sum to it.
+`execute` runs the same call asking the models for whole answers, into the same tab. However a
+call ends (answered, failed, cancelled by its caller), its charge is computed here once, from
+the answers it got and, for work cut short, what it measurably consumed
+(`ModelCard.partial_cost`); the hold is settled to that charge and the trace rows sum to it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -189,15 +189,10 @@ class Engine:
         if isinstance(model, RoutedModel):
             answer = self._run(model, request, tab, streamed=False)
             return await collect(answer, plan.name)
-        try:
+        with tab.closing():
             response = await model.generate(request)
             tab.answered(response)
             return response
-        except ShoalError as exc:
-            tab.failed(exc)
-            raise
-        finally:
-            tab.abandoned()  # the caller left (or was cancelled) before the end
 
     async def stream(
         self,
@@ -243,7 +238,7 @@ class Engine:
             answer = model.stream(request, tab.plan.decision, streamed=streamed)
         else:
             answer = events(model, request, streamed=streamed)
-        try:
+        with tab.closing():
             async with contextlib.aclosing(cast(AsyncGenerator[StreamEvent, None], answer)):
                 async for event in answer:
                     if isinstance(event, TextDelta):
@@ -255,11 +250,6 @@ class Engine:
                     elif isinstance(event, Completed):
                         tab.answered(event.response)
                     yield event
-        except ShoalError as exc:
-            tab.failed(exc)
-            raise
-        finally:
-            tab.abandoned()  # the caller left (or was cancelled) before the end
 
     # -- records -------------------------------------------------------------------------------
 
@@ -327,17 +317,28 @@ class _Tab:
     clock: float = field(default_factory=time.perf_counter)
     delivered: int = 0
     attempts: list[ChatResponse] = field(default_factory=list)
-    stages_failed: list[StageFailed] = field(default_factory=list)
-    failed_after: list[int] = field(default_factory=list)  # answers paid before each failure
+    # Stages a route moved on from, each with the number of answers paid before it.
+    stages_failed: list[tuple[int, StageFailed]] = field(default_factory=list)
     closed: bool = False
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Around the model's work: a failure closes the tab as failed, and leaving early (the
+        caller gone, a cancellation) as cancelled."""
+        try:
+            yield
+        except ShoalError as exc:
+            self.failed(exc)
+            raise
+        finally:
+            self.abandoned()
 
     def escalated(self, response: ChatResponse) -> None:
         self.attempts.append(response)
         self.delivered = 0
 
     def stage_failed(self, event: StageFailed) -> None:
-        self.stages_failed.append(event)
-        self.failed_after.append(len(self.attempts))
+        self.stages_failed.append((len(self.attempts), event))
         self.delivered = 0
 
     def answered(self, response: ChatResponse) -> None:
@@ -386,7 +387,7 @@ class _Tab:
         if card is None:
             return 0.0
         seconds = time.perf_counter() - self.clock - sum(a.latency_s for a in paid)
-        seconds -= sum(f.seconds for f in self.stages_failed)
+        seconds -= sum(f.seconds for _, f in self.stages_failed)
         return card.partial_cost(self.request, seconds=max(seconds, 0.0), delivered=self.delivered)
 
     def _close(
@@ -423,12 +424,12 @@ class _Tab:
             )
 
         records = [_record(a, self.started, now, run_id, step, item, decision, route) for a in paid]
-        for k, failed in enumerate(self.stages_failed):  # stages a route moved on from
+        for k, (paid_before, failed) in enumerate(self.stages_failed):
             cost, card = 0.0, self._card(failed.model)
             if card is not None and not failed.before_work:
                 cost = card.partial_cost(self.request, seconds=failed.seconds, delivered=0)
             row = unanswered(failed.model, "error", failed.error, failed.seconds, cost)
-            records.insert(self.failed_after[k] + k, row)  # in the order the stages ran
+            records.insert(paid_before + k, row)  # in the order the stages ran
         if ending is not None:
             status, exc, model, done = ending
             error = f"{type(exc).__name__}: {exc}" if exc is not None else None
