@@ -181,8 +181,7 @@ async def test_a_cascade_whose_last_stage_fails_carries_the_paid_answers(streame
         else:
             await routed.generate(REQUEST)
     assert [a.model for a in caught.value.attempts] == ["small"]
-    assert caught.value.paid_usd == pytest.approx(caught.value.attempts[0].cost_usd)
-    assert caught.value.paid_usd > 0
+    assert caught.value.attempts[0].cost_usd > 0  # paid for: the engine charges and traces it
 
 
 async def test_agreement_cascade_accepts_when_two_cheap_models_agree() -> None:

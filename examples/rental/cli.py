@@ -3,7 +3,7 @@ under the entry-point group `shoal.run_commands` (pyproject.toml)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -57,16 +57,7 @@ def render(result: RunResult) -> None:
         out.print(f"[bold]criteria[/] {wanted}", highlight=False)
     table = Table("#", "listing", "$/night", "bedrooms", "km to downtown", "rating", "score", "why")
     for i, r in enumerate(answer.get("ranked") or [], start=1):
-        table.add_row(
-            str(i),
-            r["title"],
-            f"{r['price']:.0f}",
-            str(r["bedrooms"]),
-            f"{r['km_to_downtown']:.1f}",
-            f"{r['rating']:.2f}" if r["rating"] else "-",
-            f"{r['score']}/10",
-            r["reason"],
-        )
+        table.add_row(str(i), *_facts(r), f"{r['score']}/10", r["reason"])
     if table.row_count:
         out.print(table)
     elif result.status != "ok":
@@ -84,17 +75,22 @@ def _pre_ranked(result: RunResult) -> None:
     if listings:
         table = Table("#", "listing", "$/night", "bedrooms", "km to downtown", "rating")
         for i, item in enumerate(listings[:5], start=1):
-            table.add_row(
-                str(i),
-                item["title"],
-                f"{item['price']:.0f}",
-                str(item["bedrooms"]),
-                f"{item['km_to_downtown']:.1f}",
-                f"{item['rating']:.2f}" if item["rating"] else "-",
-            )
+            table.add_row(str(i), *_facts(item))
         out.print("[bold]no ranking in time; the listings that passed the filters, pre-ranked:[/]")
         out.print(table)
     for name, step in result.steps.items():
-        if step.status not in ("ok", "skipped") or (step.status == "skipped" and step.error):
-            why = step.error or "not finished"
+        if step.status != "ok":
+            why = step.error or "; ".join(step.degraded) or "not finished"
             err.print(f"[yellow]cut: {name} ({why})[/]", highlight=False)
+
+
+def _facts(listing: dict[str, Any]) -> list[str]:
+    """A listing's title, price, bedrooms, distance and rating, as table cells."""
+    rating = listing["rating"]
+    return [
+        listing["title"],
+        f"{listing['price']:.0f}",
+        str(listing["bedrooms"]),
+        f"{listing['km_to_downtown']:.1f}",
+        f"{rating:.2f}" if rating is not None else "-",
+    ]

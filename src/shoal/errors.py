@@ -60,15 +60,6 @@ class ShoalError(Exception):
     # The model whose call failed (a route names the stage that failed), when known.
     model_id: str | None = None
 
-    @property
-    def paid_usd(self) -> float:
-        """What the failed call cost in answers that came back: its earlier answers, and for an
-        answer in the wrong form, that answer."""
-        response = getattr(self, "response", None)
-        if response is not None:  # already carries the earlier answers
-            return float(response.total_cost_usd)
-        return sum(a.total_cost_usd for a in self.attempts)
-
 
 class ConfigError(ShoalError):
     bad_input = True

@@ -487,13 +487,12 @@ class _Run:
             if all(self._fits(fallback)):
                 outcome.degraded.append(f"{plan.name} -> {fallback.name} (time running low)")
                 return fallback
-        for stand_in in self.runner.caller.stand_ins(plan):
+        stand_ins = self.runner.caller.stand_ins(plan)
+        for stand_in in stand_ins:
             if all(self._fits(stand_in)):
-                self.states[step.name].outcome.degraded.append(
-                    f"{plan.name} -> {stand_in.name} ({low} running low)"
-                )
+                outcome.degraded.append(f"{plan.name} -> {stand_in.name} ({low} running low)")
                 return stand_in
-        tried = " or ".join([plan.name, *(p.name for p in self.runner.caller.stand_ins(plan))])
+        tried = " or ".join([plan.name, *(p.name for p in stand_ins)])
         if not money:
             raise BudgetExceededError(
                 f"budget exhausted: ${self.budget.left_usd:.6f} left, not enough for {tried}"

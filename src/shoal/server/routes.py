@@ -261,13 +261,17 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
     events = cast("AsyncGenerator[StreamEvent, None]", state.engine.stream(plan, hold=call.hold))
     call.begin()
     pending: asyncio.Future[StreamEvent] = asyncio.ensure_future(anext(events))
+
+    async def ended() -> None:  # a stream left before its body ran
+        await _close(pending, events)
+        call.end("cancelled")
+
     try:
         await unless_gone(request.receive, asyncio.wait({pending}, timeout=FIRST_EVENT_GRACE_S))
         if pending.done():
             pending.result()  # a failure before the first event is an HTTP error
     except ClientGone:
-        await _close(pending, events)
-        call.end("cancelled")
+        await ended()
         return Response(status_code=499)
     except StopAsyncIteration:
         call.end("upstream_error")
@@ -276,8 +280,7 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
         call.failed(exc)
         raise
     except BaseException:
-        await _close(pending, events)
-        call.end("cancelled")
+        await ended()
         raise
     writer = ChunkWriter(
         completion_id=f"chatcmpl-{uuid.uuid4().hex}",
@@ -290,11 +293,6 @@ async def _stream(request: Request, call: Call, wire: ChatCompletionRequest) -> 
     headers = {"x-shoal-route": route_header(plan.route, None)}
     if plan.route is None:
         headers["x-shoal-model"] = plan.name
-
-    async def ended() -> None:  # the body's own cleanup, for a body that never started
-        await _close(pending, events)
-        call.end("cancelled")
-
     return EventStreamResponse(
         _events(call, events, pending, writer), headers=headers, on_close=ended
     )
