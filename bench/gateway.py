@@ -389,6 +389,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         ax.legend()
     fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write `fig` to `path` as PNG, whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".png.tmp")
     fig.savefig(tmp, format="png", dpi=100)

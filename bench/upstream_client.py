@@ -49,7 +49,14 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from gateway import ANSWER, Party, free_port, log, percentile  # bench/gateway.py, beside this
+from gateway import (
+    ANSWER,
+    Party,
+    free_port,
+    log,
+    percentile,
+    save_figure,
+)  # bench/gateway.py, beside this
 
 SELF = Path(__file__).resolve()
 HERE = SELF.parent
@@ -388,10 +395,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     load = result["load_average"]["1min_during"]["median"]
     fig.suptitle(f"upstream client cost, fake upstream on loopback (load average {load:.1f})")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".png.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
