@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -45,6 +45,7 @@ from shoal.models.base import Model, collect, events
 from shoal.money import to_pico, whole_pico
 from shoal.routing.base import RoutedModel
 from shoal.speeds import LiveSpeeds
+from shoal.traces.recordings import recording
 from shoal.traces.store import CallRecord, TraceStore
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,31 @@ class Engine:
         in_memory = str(traces.path) == ":memory:"
         self.speeds = LiveSpeeds(None if in_memory else Path(traces.path).parent / SPEEDS_FILE)
         self._routes: dict[str, Model] = {}  # routed models, or models served under a name
+        self._recorded: set[str] = set()  # names whose answers are recorded for distillation
         if self.fleet.settings.routes:
             from shoal.routing.config import build_route
 
             for spec in self.fleet.settings.routes:
-                self.add_route(spec.name, build_route(spec, self.fleet, traces=self.traces))
+                route = build_route(spec, self.fleet, traces=self.traces)
+                self.add_route(spec.name, route, record=spec.record)
 
     # -- names ---------------------------------------------------------------------------------
 
-    def add_route(self, name: str, model: Model) -> None:
-        """Serve `model` (a routed model) under `name`; a route name never shadows a model id."""
+    def add_route(self, name: str, model: Model, *, record: bool = False) -> None:
+        """Serve `model` (a routed model) under `name`; a route name never shadows a model id.
+        With `record`, every answer of the route is recorded with its request (`record`)."""
         if name in self.fleet.ids:
             raise ConfigError(f"route {name!r} has the same name as a model of the fleet")
         self._routes[name] = model
+        self.record(name, record)
+
+    def record(self, name: str, on: bool = True) -> None:
+        """Record (or stop recording) the answers of calls to `name`, a route or a model id, with
+        their requests, in the trace store: the data `shoal distil` trains specialists on."""
+        if on:
+            self._recorded.add(name)
+        else:
+            self._recorded.discard(name)
 
     @property
     def route_names(self) -> list[str]:
@@ -108,10 +121,16 @@ class Engine:
 
     # -- plans ---------------------------------------------------------------------------------
 
-    async def plan(self, name: str, request: ChatRequest) -> CallPlan:
+    async def plan(self, name: str, request: ChatRequest, *, record: str | None = None) -> CallPlan:
         """What a call of `name` with `request` will run: a route decides here, once (off the
         event loop when deciding embeds the query), and the call is priced by the cards at the
-        speeds the models have shown lately."""
+        speeds the models have shown lately. Its answer is recorded under `record` (a pipeline
+        step's `PIPELINE/STEP`), or under `name` when `name` is recorded (`record`)."""
+        plan = await self._plan(name, request)
+        target = record or (name if name in self._recorded else None)
+        return plan if target is None else replace(plan, record=target)
+
+    async def _plan(self, name: str, request: ChatRequest) -> CallPlan:
         model = self._routes.get(name)
         if model is None:
             return self._plan_model(name, request)
@@ -342,10 +361,15 @@ class _Tab:
         self.delivered = 0
 
     def answered(self, response: ChatResponse) -> None:
+        if self.closed:
+            return
         for answer in (*response.attempts, response):
             if self.engine.fleet.runs_locally(answer.model):
                 self.engine.speeds.observe(answer)
         self._close([*response.attempts, response], None, response.decision)
+        if self.plan.record is not None:
+            example = recording(self.plan.record, self.plan.request, response, time.time())
+            self.engine.traces.record_example(example)
 
     def failed(self, exc: ShoalError) -> None:
         done = exc.response if isinstance(exc, OutputError) else None

@@ -125,6 +125,9 @@ class _RouteSpec(_Spec):
     deadline_s: float | None = Field(
         default=None, gt=0, description="only models whose p95 latency fits (latency SLO)"
     )
+    record: bool = Field(
+        default=False, description="record each answer with its request, for `shoal distil`"
+    )
 
 
 class FixedRouteSpec(_RouteSpec):
@@ -151,7 +154,7 @@ class PredictiveRouteSpec(_RouteSpec):
 
     kind: Literal["predictive"]
     models: tuple[ModelId, ...] = Field(min_length=2)
-    predictor: Literal["knn", "logistic", "mlp", "mf", "ensemble"] = "ensemble"
+    predictor: Literal["knn", "logistic", "mlp", "mf", "ensemble", "cluster"] = "ensemble"
     target: RouteTarget = RouteTarget(quality_ratio=0.95)
     outcomes: Path | None = Field(
         default=None, description="outcome table to calibrate on (default: the local one)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,6 +26,7 @@ from shoal.errors import (
     WeightsCorruptedError,
 )
 from shoal.fleet import Fleet
+from shoal.traces.store import TraceStore
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -82,3 +85,40 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
 
 def fleet_from(path: Path | None) -> Fleet:
     return guard(lambda: Fleet.from_file(path))
+
+
+TracesOption = Annotated[
+    Path | None, typer.Option("--traces", help="Trace store (default: the fleet's cache).")
+]
+
+
+def trace_store(fleet_file: Path | None, traces: Path | None) -> tuple[TraceStore, Fleet]:
+    """The trace store a command reads (an error when nothing has run yet), and the fleet."""
+    fleet = fleet_from(fleet_file)
+    path = traces or fleet.cache_dir / "traces.sqlite"
+    if not path.is_file():
+        raise fail(ShoalError(f"no trace store at {path}: nothing has run yet"))
+    return TraceStore(path), fleet
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, *, now: float | None = None) -> float:
+    """A point in time from `--since`: an age (`90m`, `24h`, `7d`, `2w`) or a date
+    (`2026-11-30`, `2026-11-30T08:00`), as a Unix time."""
+    text = text.strip()
+    unit = _UNITS.get(text[-1:].lower())
+    if unit is not None:
+        try:
+            age = float(text[:-1])
+        except ValueError:
+            age = -1.0
+        if age >= 0:
+            return (time.time() if now is None else now) - age * unit
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise fail(
+            ConfigError(f"--since {text!r}: give an age such as 24h or 7d, or a date 2026-11-30")
+        ) from None

@@ -228,7 +228,9 @@ def _measure_once(
 @app.command()
 def ask(
     prompt: Annotated[str, typer.Argument(help="The question ('-': read it from standard input).")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model id.")] = "smollm2-135m",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="A model id or a route name.")
+    ] = "smollm2-135m",
     system: Annotated[str | None, typer.Option(help="A system message.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
@@ -237,7 +239,8 @@ def ask(
     ] = None,
     fleet_file: FleetOption = None,
 ) -> None:
-    """Stream a model's answer, then its model, tokens, latency and cost."""
+    """Stream the answer of a model or a route, then its model, tokens, latency and cost (the
+    call is traced like any other)."""
     if prompt == "-":
         prompt = sys.stdin.read().strip()
         if not prompt:
@@ -256,22 +259,27 @@ def ask(
     )
 
     async def go() -> None:
-        chosen = fleet.model(model)
+        from shoal.engine import Engine
+
+        engine = Engine(fleet)
         try:
-            async for event in chosen.stream(request):
+            plan = await engine.plan(model, request)
+            async for event in engine.stream(plan):
                 if isinstance(event, TextDelta):
                     out.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
                 elif isinstance(event, Completed):
                     r = event.response
                     cut = " · stopped at max_tokens" if r.finish_reason == "length" else ""
                     out.print()
+                    if r.decision is not None:
+                        err.print(f"[dim]route {model}: {r.decision.reason}[/]", highlight=False)
                     err.print(
                         f"[dim]model {r.model} · {r.usage.input_tokens} in / "
                         f"{r.usage.output_tokens} out tokens · {r.latency_s * 1000:.0f} ms · "
-                        f"${r.cost_usd:.6f}{cut}[/]"
+                        f"${r.total_cost_usd:.6f}{cut}[/]"
                     )
         finally:
-            await fleet.aclose()
+            await engine.aclose()
 
     _run(go())
 
@@ -359,6 +367,13 @@ from shoal.cli.run import pipelines_app, run_app, runs_app  # noqa: E402
 app.add_typer(run_app, name="run")
 app.add_typer(runs_app, name="runs")
 app.add_typer(pipelines_app, name="pipelines")
+
+
+# -- recordings for distillation (commands in cli/recordings.py) ---------------------------------
+
+from shoal.cli.recordings import recordings_app  # noqa: E402
+
+app.add_typer(recordings_app, name="recordings")
 
 
 if __name__ == "__main__":

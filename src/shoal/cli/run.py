@@ -8,7 +8,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib.metadata import EntryPoint, entry_points
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,7 +18,7 @@ from rich.tree import Tree
 from typer._click.core import Command, Context  # the click that typer's groups are written in
 from typer.core import TyperGroup
 
-from shoal.cli.common import FleetOption, err, fail, out
+from shoal.cli.common import FleetOption, TracesOption, err, fail, out, trace_store
 from shoal.engine import Engine
 from shoal.errors import ConfigError, PipelineError, ShoalError
 from shoal.fleet import Fleet
@@ -28,7 +27,7 @@ from shoal.pipeline import registry
 from shoal.pipeline.cache import ResponseCache
 from shoal.pipeline.graph import Pipeline
 from shoal.pipeline.run import RunEvent, Runner, RunResult
-from shoal.traces.store import CallRecord, RunRecord, TraceStore
+from shoal.traces.store import CallRecord, RunRecord
 
 
 class _RunGroup(TyperGroup):
@@ -256,19 +255,6 @@ def pipelines_list(
 # -- runs ---------------------------------------------------------------------------------------
 
 
-def _store(fleet_file: Path | None, traces: Path | None) -> tuple[TraceStore, Fleet]:
-    fleet = Fleet.from_file(fleet_file)
-    path = traces or fleet.cache_dir / "traces.sqlite"
-    if not path.is_file():
-        raise fail(ShoalError(f"no trace store at {path}: nothing has run yet"))
-    return TraceStore(path), fleet
-
-
-TracesOption = Annotated[
-    Path | None, typer.Option("--traces", help="Trace store (default: the fleet's cache).")
-]
-
-
 @runs_app.command("list")
 def runs_list(
     limit: Annotated[int, typer.Option(min=1)] = 20,
@@ -277,7 +263,7 @@ def runs_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Recent runs: status, cost, budget, time."""
-    store, _ = _store(fleet_file, traces)
+    store, _ = trace_store(fleet_file, traces)
     if as_json:
         runs = store.runs(limit=limit)
         store.close()
@@ -359,7 +345,7 @@ def runs_show(
 ) -> None:
     """The tree of steps with cost and latency, cost by model, and the same run on the large
     model."""
-    store, fleet = _store(fleet_file, traces)
+    store, fleet = trace_store(fleet_file, traces)
     run = store.run(run_id)
     if run is None:
         recent = ", ".join(r.id for r in store.runs(limit=5)) or "none"

@@ -48,6 +48,9 @@ class ModelStep:
     # before it starts: run it on a cheaper model of the fleet, on its `fallback`, or (for an
     # optional step) skip it.
     on_deadline: OnDeadline = "cheaper"
+    # Record each answer of the step's own model with its request, under `PIPELINE/STEP`: the
+    # data `shoal distil` trains a specialist for the step on. Off unless asked.
+    record: bool = False
 
     @property
     def produces(self) -> Any:

@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 class Caller(Protocol):
     """How the runner reaches models (the engine implements it)."""
 
-    async def plan(self, name: str, request: ChatRequest) -> CallPlan: ...
+    async def plan(
+        self, name: str, request: ChatRequest, *, record: str | None = None
+    ) -> CallPlan: ...
 
     def stand_ins(self, plan: CallPlan) -> list[CallPlan]: ...
 
@@ -408,7 +410,9 @@ class _Run:
             try:
                 response = self._cached(step, model, request, key)
                 if response is None:
-                    plan = await self._fit(step, await self.runner.caller.plan(model, request))
+                    record = f"{self.pipeline.name}/{step.name}" if step.record else None
+                    planned = await self.runner.caller.plan(model, request, record=record)
+                    plan = await self._fit(step, planned)
                     response = await self._call(step, plan, key)
             except OutputTruncatedError:
                 if attempt >= step.retries:

@@ -49,6 +49,7 @@ class ModelStepSpec(_Spec):
     fallback: str | None = None
     optional: bool = False
     on_deadline: Literal["cheaper", "fallback", "skip"] = "cheaper"
+    record: bool = False
 
 
 class PythonStepSpec(_Spec):
@@ -106,6 +107,7 @@ def to_spec(pipeline: Pipeline) -> PipelineSpec:
                     fallback=step.fallback,
                     optional=step.optional,
                     on_deadline=step.on_deadline,
+                    record=step.record,
                 )
             )
         else:

@@ -20,6 +20,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from shoal.storage import open_sqlite
+from shoal.traces.recordings import SCHEMA as _RECORDINGS_SCHEMA
+from shoal.traces.recordings import RecordedTarget, Recording
 
 SCHEMA_VERSION = 1
 
@@ -104,7 +106,7 @@ class TraceStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = open_sqlite(path, _SCHEMA)
+        self._db = open_sqlite(path, _SCHEMA + _RECORDINGS_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -168,6 +170,98 @@ class TraceStore:
         data["decision"] = json.loads(data["decision"]) if data["decision"] else None
         data["cached"] = bool(data["cached"])
         return CallRecord.model_validate(data)
+
+    # -- recordings (opt-in, for distillation) --------------------------------------------------
+
+    def record_example(self, example: Recording) -> int:
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO recordings "
+                "(target, model, messages, schema, answer, parsed, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    example.target,
+                    example.model,
+                    json.dumps(example.messages),
+                    json.dumps(example.schema) if example.schema is not None else None,
+                    example.answer,
+                    json.dumps(example.parsed) if example.parsed is not None else None,
+                    example.created_at,
+                ),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def recordings(
+        self,
+        target: str,
+        *,
+        since: float | None = None,
+        model: str | None = None,
+        limit: int | None = None,
+    ) -> list[Recording]:
+        """What was recorded for `target`, oldest first; `since` a Unix time, `model` only the
+        answers of that model (a route's teacher, say)."""
+        query = (
+            "SELECT id, target, model, messages, schema, answer, parsed, created_at "
+            "FROM recordings WHERE target = ?"
+        )
+        args: list[Any] = [target]
+        if since is not None:
+            query += " AND created_at >= ?"
+            args.append(since)
+        if model is not None:
+            query += " AND model = ?"
+            args.append(model)
+        query += " ORDER BY id LIMIT ?"
+        args.append(-1 if limit is None else limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [
+            Recording(
+                id=row[0],
+                target=row[1],
+                model=row[2],
+                messages=json.loads(row[3]),
+                schema=json.loads(row[4]) if row[4] is not None else None,
+                answer=row[5],
+                parsed=json.loads(row[6]) if row[6] is not None else None,
+                created_at=row[7],
+            )
+            for row in rows
+        ]
+
+    def recorded_targets(self) -> list[RecordedTarget]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT target, model, COUNT(*), MIN(created_at), MAX(created_at) "
+                "FROM recordings GROUP BY target, model ORDER BY target, model"
+            ).fetchall()
+        targets: dict[str, RecordedTarget] = {}
+        for target, model, count, first, last in rows:
+            seen = targets.get(target)
+            if seen is None:
+                targets[target] = RecordedTarget(target, count, {model: count}, first, last)
+            else:
+                targets[target] = RecordedTarget(
+                    target,
+                    seen.count + count,
+                    {**seen.models, model: count},
+                    min(seen.first_at, first),
+                    max(seen.last_at, last),
+                )
+        return list(targets.values())
+
+    def forget_recordings(self, target: str | None = None, *, before: float | None = None) -> int:
+        """Delete recordings (of `target`, or all; older than `before`, or all): how many."""
+        query, args = "DELETE FROM recordings WHERE 1 = 1", list[Any]()
+        if target is not None:
+            query += " AND target = ?"
+            args.append(target)
+        if before is not None:
+            query += " AND created_at < ?"
+            args.append(before)
+        with self._write() as db:
+            return db.execute(query, args).rowcount
 
     # -- runs ----------------------------------------------------------------------------------
 
