@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Literal
 
+import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
@@ -16,6 +18,8 @@ from shoal.pipeline.graph import ModelStep, Pipeline
 from shoal.pipeline.run import Runner
 from shoal.pipeline.spec import dump_yaml, load_yaml
 from shoal.settings import parse_fleet
+from shoal.traces.recordings import Recording
+from shoal.traces.store import TraceStore
 
 FLEET = """
 cache_dir: {cache}
@@ -43,6 +47,8 @@ async def test_only_routes_that_ask_are_recorded(tmp_path: Path, smollm2_gguf: P
     (rec,) = engine.traces.recordings("labels")
     assert (rec.model, rec.answer, rec.input) == ("tiny", answer.text, "Say yes.")
     assert rec.messages[0] == {"role": "system", "content": "Answer in one word."}
+    assert rec.request() == request  # replayable as it was asked
+    assert rec.cost_usd == pytest.approx(answer.total_cost_usd)
     assert rec.schema is None
     assert rec.parsed is None
     assert engine.traces.recordings("chat") == []
@@ -159,3 +165,24 @@ def test_recordings_are_listed_exported_and_cleared(tmp_path: Path, smollm2_gguf
     assert "1 recordings of labels deleted" in cleared.output
     again = cli.invoke(app, ["recordings", "list", "--fleet", str(fleet)])
     assert "nothing recorded" in again.output
+
+
+def test_a_store_from_before_recordings_kept_costs_gains_the_columns(tmp_path: Path) -> None:
+    path = tmp_path / "traces.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE recordings (id INTEGER PRIMARY KEY AUTOINCREMENT, target TEXT NOT NULL, "
+        "model TEXT NOT NULL, messages TEXT NOT NULL, schema TEXT, answer TEXT NOT NULL, "
+        "parsed TEXT, created_at REAL NOT NULL);"
+        "INSERT INTO recordings (target, model, messages, answer, created_at) "
+        "VALUES ('t', 'm', '[{\"role\": \"user\", \"content\": \"hi\"}]', 'yes', 1.0);"
+    )
+    old.close()
+    store = TraceStore(path)
+    store.record_example(
+        Recording("t", "m", [{"role": "user", "content": "x"}], "no", params={"max_tokens": 3})
+    )
+    first, second = store.recordings("t")
+    assert (first.params, first.cost_usd, first.answer) == ({}, 0.0, "yes")
+    assert second.request().max_tokens == 3
+    store.close()

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shoal.storage import open_sqlite
 from shoal.traces.recordings import SCHEMA as _RECORDINGS_SCHEMA
-from shoal.traces.recordings import RecordedTarget, Recording
+from shoal.traces.recordings import RecordedTarget, Recording, add_missing_columns
 
 SCHEMA_VERSION = 1
 
@@ -107,6 +107,7 @@ class TraceStore:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._db = open_sqlite(path, _SCHEMA + _RECORDINGS_SCHEMA)
+        add_missing_columns(self._db, "recordings", _RECORDINGS_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -176,9 +177,8 @@ class TraceStore:
     def record_example(self, example: Recording) -> int:
         with self._write() as db:
             cursor = db.execute(
-                "INSERT INTO recordings "
-                "(target, model, messages, schema, answer, parsed, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO recordings (target, model, messages, schema, answer, parsed, "
+                "params, cost_usd, latency_s, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     example.target,
                     example.model,
@@ -186,6 +186,9 @@ class TraceStore:
                     json.dumps(example.schema) if example.schema is not None else None,
                     example.answer,
                     json.dumps(example.parsed) if example.parsed is not None else None,
+                    json.dumps(example.params),
+                    example.cost_usd,
+                    example.latency_s,
                     example.created_at,
                 ),
             )
@@ -202,8 +205,8 @@ class TraceStore:
         """What was recorded for `target`, oldest first; `since` a Unix time, `model` only the
         answers of that model (a route's teacher, say)."""
         query = (
-            "SELECT id, target, model, messages, schema, answer, parsed, created_at "
-            "FROM recordings WHERE target = ?"
+            "SELECT id, target, model, messages, schema, answer, parsed, params, cost_usd, "
+            "latency_s, created_at FROM recordings WHERE target = ?"
         )
         args: list[Any] = [target]
         if since is not None:
@@ -225,7 +228,10 @@ class TraceStore:
                 schema=json.loads(row[4]) if row[4] is not None else None,
                 answer=row[5],
                 parsed=json.loads(row[6]) if row[6] is not None else None,
-                created_at=row[7],
+                params=json.loads(row[7]),
+                cost_usd=row[8],
+                latency_s=row[9],
+                created_at=row[10],
             )
             for row in rows
         ]
