@@ -375,6 +375,10 @@ from shoal.cli.recordings import recordings_app  # noqa: E402
 
 app.add_typer(recordings_app, name="recordings")
 
+from shoal.cli.replay import replay  # noqa: E402
+
+app.command()(replay)
+
 
 if __name__ == "__main__":
     app()
