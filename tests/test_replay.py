@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from shoal import Fleet, FunctionModel, TokenPrice
 from shoal.cli.main import app
+from shoal.compare import Agreement, token_f1
 from shoal.engine import Engine
 from shoal.errors import ConfigError, UnknownModelError
-from shoal.replay import Agreement, read_recordings, replay, token_f1
+from shoal.replay import read_recordings, replay
 from shoal.routing.outcomes import read_table
 from shoal.traces.recordings import Recording
 

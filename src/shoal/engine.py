@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,9 +30,10 @@ from typing import cast
 
 from shoal.calls import CallPlan
 from shoal.cards import ModelCard
+from shoal.compare import Pair, agreement_of, slug
 from shoal.errors import ConfigError, OutputError, ShoalError, UnknownModelError, UnknownRouteError
 from shoal.fleet import Fleet
-from shoal.ledger import Hold
+from shoal.ledger import Account, Hold
 from shoal.messages import (
     ChatRequest,
     ChatResponse,
@@ -42,13 +45,19 @@ from shoal.messages import (
     TextDelta,
 )
 from shoal.models.base import Model, collect, events
-from shoal.money import to_pico, whole_pico
+from shoal.money import to_pico, to_usd, whole_pico
 from shoal.routing.base import RoutedModel
+from shoal.settings import ShadowSpec
+from shoal.shadow import Shadow
 from shoal.speeds import LiveSpeeds
 from shoal.traces.recordings import recording
 from shoal.traces.store import CallRecord, TraceStore
 
 log = logging.getLogger(__name__)
+
+# Set inside a shadow call's task: its calls are not served traffic.
+_IN_SHADOW: contextvars.ContextVar[bool] = contextvars.ContextVar("in_shadow", default=False)
+
 
 TRACES_FILE = "traces.sqlite"
 SPEEDS_FILE = "speeds.json"
@@ -72,12 +81,17 @@ class Engine:
         self.speeds = LiveSpeeds(None if in_memory else Path(traces.path).parent / SPEEDS_FILE)
         self._routes: dict[str, Model] = {}  # routed models, or models served under a name
         self._recorded: set[str] = set()  # names whose answers are recorded for distillation
+        self._shadows: dict[str, Shadow] = {}  # by route
+        self._shadow_tasks: dict[asyncio.Task[None], tuple[str, ...]] = {}  # and their models
+        self._busy: Counter[str] = Counter()  # served calls in flight, per model
         if self.fleet.settings.routes:
             from shoal.routing.config import build_route
 
             for spec in self.fleet.settings.routes:
                 route = build_route(spec, self.fleet, traces=self.traces)
                 self.add_route(spec.name, route, record=spec.record)
+                if spec.shadow is not None:
+                    self.shadow(spec.name, spec.shadow)
 
     # -- names ---------------------------------------------------------------------------------
 
@@ -248,6 +262,8 @@ class Engine:
             if request.max_cost_usd is not None:
                 cap = min(cap, request.max_cost_usd)
             request = request.model_copy(update={"max_cost_usd": cap})
+        if not _IN_SHADOW.get():
+            self._preempt(plan.models)
         return model, request, _Tab(self, plan, request, hold, run_id, step, item)
 
     async def _run(
@@ -270,6 +286,89 @@ class Engine:
                         tab.answered(event.response)
                     yield event
 
+    async def charged_call(
+        self,
+        name: str,
+        request: ChatRequest,
+        account: Account,
+        *,
+        step: str | None = None,
+    ) -> tuple[ChatResponse, float]:
+        """Plan a call of `name`, hold its worst case on `account`, run it: the answer, and what
+        the account was charged (work that is not a served request: replays, shadows, judges)."""
+        plan = await self.plan(name, request)
+        return await self.charged(plan, account, step=step)
+
+    async def charged(
+        self, plan: CallPlan, account: Account, *, step: str | None = None
+    ) -> tuple[ChatResponse, float]:
+        hold = account.reserve(plan.worst_usd)
+        try:
+            response = await self.execute(plan, hold=hold, step=step)
+        finally:
+            if not hold.settled:
+                hold.release()
+        return response, to_usd(hold.charged_pusd or 0)
+
+    # -- shadows -------------------------------------------------------------------------------
+
+    def shadow(self, route: str, spec: ShadowSpec) -> Shadow:
+        """Ask `spec.candidate` a sampled share of `route`'s live requests, off the request path
+        (`shoal route report ROUTE` compares them)."""
+        self._shadows[route] = Shadow(
+            route, spec, self.shadow_table(self.fleet, route, spec.candidate)
+        )
+        return self._shadows[route]
+
+    @staticmethod
+    def shadow_table(fleet: Fleet, route: str, candidate: str) -> Path:
+        """Where the answers of `route`'s shadow `candidate` go (an outcome table)."""
+        return fleet.cache_dir / "shadows" / f"{slug(route)}--{slug(candidate)}.csv"
+
+    def _after_answer(self, plan: CallPlan, response: ChatResponse) -> None:
+        shadow = self._shadows.get(plan.route or "")
+        if shadow is None or not shadow.wants():
+            return
+        task = asyncio.get_running_loop().create_task(self._shadow_call(shadow, plan, response))
+        self._shadow_tasks[task] = ()
+
+    async def _shadow_call(self, shadow: Shadow, plan: CallPlan, served: ChatResponse) -> None:
+        _IN_SHADOW.set(True)  # this task's own calls neither preempt nor cast shadows
+        task = asyncio.current_task()
+        assert task is not None
+        shadow.in_flight += 1
+        served_at = time.time()
+        try:
+            candidate = await self.plan(shadow.candidate, plan.request)
+            if any(self._busy[m] > 0 for m in candidate.models):
+                shadow.dropped += 1  # the served traffic has the models: not now
+                return
+            self._shadow_tasks[task] = candidate.models
+            step = f"shadow of {shadow.route}"
+            answer, _ = await self.charged(candidate, shadow.account, step=step)
+
+            async def judge(name: str, request: ChatRequest) -> tuple[ChatResponse, float]:
+                return await self.charged_call(name, request, shadow.account, step=step)
+
+            rec = recording(shadow.route, plan.request, served, served_at)
+            rec = replace(rec, id=time.time_ns())
+            score, _ = await agreement_of(shadow.agreement, rec, answer.text, judge)
+            shadow.write(Pair(rec, answer.text, answer.total_cost_usd, answer.latency_s, score))
+        except asyncio.CancelledError:
+            shadow.dropped += 1  # a served call needed the model
+        except ShoalError as exc:
+            shadow.dropped += 1
+            log.info("shadow of %s on %s: %s", shadow.route, shadow.candidate, exc)
+        finally:
+            shadow.in_flight -= 1
+            self._shadow_tasks.pop(task, None)
+
+    def _preempt(self, models: tuple[str, ...]) -> None:
+        """Cancel shadow calls on any of `models`: a served call needs them."""
+        for task, busy in list(self._shadow_tasks.items()):
+            if set(busy) & set(models):
+                task.cancel()
+
     # -- records -------------------------------------------------------------------------------
 
     def record_cached(
@@ -286,6 +385,10 @@ class Engine:
             )
 
     async def aclose(self) -> None:
+        shadows = list(self._shadow_tasks)
+        for task in shadows:
+            task.cancel()
+        await asyncio.gather(*shadows, return_exceptions=True)
         for route in self._routes.values():
             await route.aclose()
         await self.fleet.aclose()
@@ -339,6 +442,11 @@ class _Tab:
     # Stages a route moved on from, each with the number of answers paid before it.
     stages_failed: list[tuple[int, StageFailed]] = field(default_factory=list)
     closed: bool = False
+    shadowed: bool = field(default_factory=lambda: _IN_SHADOW.get())  # a shadow's own call
+
+    def __post_init__(self) -> None:
+        if not self.shadowed:
+            self.engine._busy.update(self.plan.models)
 
     @contextlib.contextmanager
     def closing(self) -> Iterator[None]:
@@ -367,9 +475,12 @@ class _Tab:
             if self.engine.fleet.runs_locally(answer.model):
                 self.engine.speeds.observe(answer)
         self._close([*response.attempts, response], None, response.decision)
+        if self.shadowed:
+            return
         if self.plan.record is not None:
             example = recording(self.plan.record, self.plan.request, response, time.time())
             self.engine.traces.record_example(example)
+        self.engine._after_answer(self.plan, response)
 
     def failed(self, exc: ShoalError) -> None:
         done = exc.response if isinstance(exc, OutputError) else None
@@ -424,6 +535,8 @@ class _Tab:
             return
         self.closed = True
         engine, now = self.engine, time.time()
+        if not self.shadowed:
+            engine._busy.subtract(self.plan.models)
         decided = decided or self.plan.decision
         decision = decided.model_dump(mode="json") if decided else None
         run_id, step, item, route = self.run_id, self.step, self.item, self.plan.route

@@ -120,6 +120,17 @@ class RouteTarget(_Spec):
         return self
 
 
+class ShadowSpec(_Spec):
+    """A candidate model or route asked a sampled share of a route's live requests, off the
+    request path, to see how it would have done (`shoal route report NAME`)."""
+
+    candidate: ModelId
+    share: float = Field(default=0.05, gt=0.0, le=1.0, description="live calls also asked")
+    budget_usd_per_hour: float = Field(default=0.05, ge=0.0, description="spent on the candidate")
+    max_in_flight: int = Field(default=1, ge=1, description="candidate calls running at once")
+    agreement: str = Field(default="auto", description="auto | exact | f1 | judge:MODEL")
+
+
 class _RouteSpec(_Spec):
     name: RouteName
     deadline_s: float | None = Field(
@@ -128,6 +139,7 @@ class _RouteSpec(_Spec):
     record: bool = Field(
         default=False, description="record each answer with its request, for `shoal distil`"
     )
+    shadow: ShadowSpec | None = None
 
 
 class FixedRouteSpec(_RouteSpec):

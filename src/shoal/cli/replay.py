@@ -23,9 +23,10 @@ from shoal.cli.common import (
     usd,
 )
 from shoal.errors import ConfigError
+from shoal.fleet import Fleet
 
 if TYPE_CHECKING:
-    from shoal.replay import ReplayReport
+    from shoal.compare import Comparison
 
 
 def replay(
@@ -64,9 +65,10 @@ def replay(
     """Ask CANDIDATE the requests recorded for TARGET and compare its answers with those served:
     agreement, accuracy on gold answers where known, cost and latency. Resumable; each pair goes
     to an outcome table that `shoal route calibrate` can fit on."""
+    from shoal.compare import Agreement, slug
     from shoal.engine import Engine
-    from shoal.replay import Agreement, read_recordings
     from shoal.replay import plot as draw
+    from shoal.replay import read_recordings
     from shoal.replay import replay as run_replay
 
     how = guard(lambda: Agreement.parse(agreement))
@@ -87,12 +89,12 @@ def replay(
         where = from_file or "the trace store"
         raise fail(ConfigError(f"no recordings of {target!r} in {where}: see `shoal recordings`"))
 
-    async def go() -> tuple[ReplayReport, Path]:
+    async def go() -> tuple[Comparison, Path]:
         from shoal.fleet import Fleet
 
         fleet = Fleet.from_file(fleet_file)
         engine = Engine(fleet, trace_path=fleet_store)
-        path = table or fleet.cache_dir / "replays" / f"{_slug(target)}--{_slug(candidate)}.csv"
+        path = table or fleet.cache_dir / "replays" / f"{slug(target)}--{slug(candidate)}.csv"
         try:
             with err.status(f"replaying {len(rows)} recordings of {target} on {candidate}"):
                 report = await run_replay(
@@ -114,10 +116,6 @@ def replay(
         typer.echo(json.dumps(summary, indent=2))
         return
     _print(summary)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
 def _print(summary: dict[str, Any]) -> None:
@@ -152,3 +150,36 @@ def _print(summary: dict[str, Any]) -> None:
     if summary["stopped"]:
         out.print(f"[yellow]stopped early:[/] {summary['stopped']}", highlight=False)
     out.print(f"outcome table: {summary['table']}", highlight=False)
+
+
+# `shoal route report NAME`: a route's shadow, compared (registered on the route commands).
+from shoal.cli.route import route_app  # noqa: E402
+
+
+@route_app.command("report")
+def route_report(
+    name: Annotated[str, typer.Argument(help="A route with a `shadow:` in the fleet file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    fleet_file: FleetOption = None,
+) -> None:
+    """How the route's shadow candidate would have done on the live requests it was asked:
+    agreement with what the route served, cost and latency side by side."""
+    from shoal.compare import Comparison, pairs_from_table
+    from shoal.engine import Engine
+
+    fleet = guard(lambda: Fleet.from_file(fleet_file))
+    spec = next((r for r in fleet.settings.routes if r.name == name), None)
+    if spec is None:
+        known = ", ".join(r.name for r in fleet.settings.routes) or "none"
+        raise fail(ConfigError(f"no route {name!r} in the fleet file (routes: {known})"))
+    if spec.shadow is None:
+        raise fail(ConfigError(f"route {name!r} has no shadow: add `shadow: {{candidate: ...}}`"))
+    table = Engine.shadow_table(fleet, name, spec.shadow.candidate)
+    if not table.exists():
+        raise fail(ConfigError(f"no shadow answers yet for {name!r} (they are written to {table})"))
+    report = Comparison(name, spec.shadow.candidate, pairs_from_table(table, spec.shadow.candidate))
+    summary = report.summary() | {"table": str(table)}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    _print(summary)
