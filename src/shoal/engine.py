@@ -60,6 +60,7 @@ _IN_SHADOW: contextvars.ContextVar[bool] = contextvars.ContextVar("in_shadow", d
 
 
 TRACES_FILE = "traces.sqlite"
+SHADOW_GRACE_S = 30.0  # how long closing the engine waits for shadow calls in flight
 SPEEDS_FILE = "speeds.json"
 
 
@@ -327,7 +328,7 @@ class Engine:
 
     def _after_answer(self, plan: CallPlan, response: ChatResponse) -> None:
         shadow = self._shadows.get(plan.route or "")
-        if shadow is None or not shadow.wants():
+        if shadow is None or not shadow.wants(response):
             return
         task = asyncio.get_running_loop().create_task(self._shadow_call(shadow, plan, response))
         self._shadow_tasks[task] = ()
@@ -386,9 +387,11 @@ class Engine:
 
     async def aclose(self) -> None:
         shadows = list(self._shadow_tasks)
-        for task in shadows:
-            task.cancel()
-        await asyncio.gather(*shadows, return_exceptions=True)
+        if shadows:  # their served answers are delivered: let them finish, within a grace
+            _, late = await asyncio.wait(shadows, timeout=SHADOW_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for route in self._routes.values():
             await route.aclose()
         await self.fleet.aclose()

@@ -150,6 +150,8 @@ def _print(summary: dict[str, Any]) -> None:
     if summary["stopped"]:
         out.print(f"[yellow]stopped early:[/] {summary['stopped']}", highlight=False)
     out.print(f"outcome table: {summary['table']}", highlight=False)
+    if "plot" in summary:
+        out.print(f"plot: {summary['plot']}", highlight=False)
 
 
 # `shoal route report NAME`: a route's shadow, compared (registered on the route commands).
