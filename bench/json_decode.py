@@ -55,7 +55,7 @@ def prompts() -> list[tuple[str, str, dict[str, Any], int]]:
             (
                 read.system or "",
                 read.prompt.format(request=request),
-                rental.Criteria.model_json_schema(),
+                rental.Reading.model_json_schema(),
                 read.max_tokens,
             )
         )

@@ -11,6 +11,11 @@ rankings are scored against the all-large one:
   the routed top five is discounted by rank and divided by the all-large ideal. Stricter, too:
   how often the top pick is the same, and how often the five finalists are. When the all-large
   run ranks nothing (nothing fits), a routed run that ranks nothing scores 1, else 0.
+- constraints met (depends on no model): the share of each variant's top five that meet the
+  request's stated hard constraints, written down by hand per request (`STATED`): the price
+  within the stated maximum, bedrooms and guests at least as asked, the room type stated, each
+  stated must-have in the amenities or the listing's words. Goal: routed no lower than
+  all-large.
 - cost: what each run's budget was charged (host price x compute time of every call, failed
   ones included); wall: the runs' wall time.
 - orchestration (routed runs): the critical-path bound from traced compute times — steps in
@@ -49,6 +54,8 @@ from shoal.pipeline.graph import ModelStep, Pipeline
 from shoal.pipeline.run import Runner
 from shoal.traces.store import CallRecord
 from shoal_examples.rental import pipeline as rental
+from shoal_examples.rental.data import Listing, load_listings
+from shoal_examples.rental.quality import Stated, share_met
 
 REQUESTS = [
     "quiet 2-bedroom near downtown under $150 with parking",
@@ -72,6 +79,68 @@ REQUESTS = [
     "no stairs, 1 bedroom, quiet street, under $110",
     "close to the university, 2 guests, kitchen, under $100",
 ]
+
+
+# What each request states as hard constraints, read by a person (the truth the constraint
+# figure is measured against). A must-have is the words any one of which shows it.
+PARKING = ("parking", "garage")
+WIFI = ("wifi", "wi-fi")
+DESK = ("workspace", "desk")
+KITCHEN = ("kitchen",)
+STATED = {
+    REQUESTS[0]: Stated(max_price=150, bedrooms=2, must_haves=(PARKING,)),
+    REQUESTS[1]: Stated(guests=1, room_type="private", must_haves=(WIFI, DESK)),
+    REQUESTS[2]: Stated(
+        guests=5, max_price=300, room_type="entire", must_haves=(KITCHEN, ("washer", "laundry"))
+    ),
+    REQUESTS[3]: Stated(guests=2),
+    REQUESTS[4]: Stated(max_price=70, must_haves=(("air conditioning", "central air", "a/c"),)),
+    REQUESTS[5]: Stated(bedrooms=3, max_price=250, must_haves=(PARKING,)),
+    REQUESTS[6]: Stated(
+        guests=2,
+        max_price=130,
+        room_type="entire",
+        must_haves=(("pets allowed", "pet friendly", "pet-friendly", "pets"), ("yard", "garden")),
+    ),
+    REQUESTS[7]: Stated(must_haves=(("hot tub", "jacuzzi", "whirlpool"),)),
+    REQUESTS[8]: Stated(guests=1, must_haves=(WIFI, DESK)),
+    REQUESTS[9]: Stated(guests=12, max_price=40),
+    REQUESTS[10]: Stated(),
+    REQUESTS[11]: Stated(bedrooms=2, must_haves=(KITCHEN,)),
+    REQUESTS[12]: Stated(
+        guests=2,
+        must_haves=(
+            ("ground floor", "ground-floor", "first floor", "step-free", "no stairs", "elevator"),
+        ),
+    ),
+    REQUESTS[13]: Stated(max_price=60, must_haves=(WIFI,)),
+    REQUESTS[14]: Stated(guests=8, must_haves=(PARKING,)),
+    REQUESTS[15]: Stated(max_price=200, room_type="entire", must_haves=(("washer",), ("dryer",))),
+    REQUESTS[16]: Stated(room_type="private", must_haves=(("breakfast",),)),
+    REQUESTS[17]: Stated(room_type="entire", bedrooms=2, must_haves=(("fireplace",), PARKING)),
+    REQUESTS[18]: Stated(
+        bedrooms=1,
+        max_price=110,
+        must_haves=(("no stairs", "ground floor", "step-free", "single level", "one level"),),
+    ),
+    REQUESTS[19]: Stated(guests=2, max_price=100, must_haves=(KITCHEN,)),
+}
+VARIANTS = ("routed", "large", "small")
+
+
+def constraints_met(row: dict[str, Any], listings: dict[int, Listing]) -> dict[str, float | None]:
+    """Per variant, the share of its top five meeting the request's stated constraints."""
+    stated = STATED[row["request"]]
+    return {
+        v: share_met([r["listing_id"] for r in row[v]["ranked"]], listings, stated)
+        for v in VARIANTS
+        if row.get(v)
+    }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.mean(known) if known else None
 
 
 def ndcg5(routed: list[dict[str, Any]], large: list[dict[str, Any]]) -> float:
@@ -137,6 +206,8 @@ async def run(
         "calls": len(calls),
         "ranked": (result.output or {}).get("ranked", []),
         "criteria": (result.output or {}).get("criteria"),
+        "explained_by": (result.output or {}).get("explained_by"),
+        "explanation": (result.output or {}).get("explanation"),
         "finalists": [f["listing"]["id"] for f in result.values.get("finalists") or []],
         "calls_by_step": dict(Counter(c.step for c in calls if not c.cached)),
         "degraded": {
@@ -167,7 +238,7 @@ async def plain(engine: Engine, request: str, city: str, *, gather: bool) -> flo
         return (await engine.generate(step.model, ask(name, fields))).text
 
     started = time.monotonic()
-    read = rental.Criteria.model_validate_json(await call("read", {"request": request}))
+    read = rental.Reading.model_validate_json(await call("read", {"request": request}))
     criteria = rental.criteria(request, read)
     found = rental.candidates(criteria, city)
     picks = []
@@ -236,7 +307,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=len(REQUESTS))
-    parser.add_argument("--city", default="albany")
+    parser.add_argument("--city", default="albany", help="a bundled city, or a listings file")
     parser.add_argument("--orchestration", type=int, default=3, help="requests to run plain")
     parser.add_argument("--no-all-small", action="store_true", help="skip the all-small runs")
     parser.add_argument("--log", type=Path, default=Path("bench/out/rental.jsonl"))
@@ -252,6 +323,7 @@ async def main() -> None:
             args.log = Path("bench/out/rental-loaded.jsonl")
     engine = Engine(Fleet())
     rental.register_routes(engine)
+    listings = {x.id: x for x in load_listings(args.city)}
     done = {}
     if args.log.is_file():
         for line in args.log.read_text().splitlines():
@@ -285,9 +357,11 @@ async def main() -> None:
             "ndcg5": ndcg5(routed["ranked"], large["ranked"]),
             "ndcg5_all_small": ndcg5(small["ranked"], large["ranked"]) if small else None,
         }
+        row["constraints_met"] = constraints_met(row, listings)
         print(
             f"    NDCG@5 {row['ndcg5']:.2f}, "
-            f"cost {routed['cost_usd'] / max(large['cost_usd'], 1e-12):.0%} of all-large",
+            f"cost {routed['cost_usd'] / max(large['cost_usd'], 1e-12):.0%} of all-large, "
+            f"constraints met {row['constraints_met']}",
             file=sys.stderr,
         )
         with args.log.open("a") as log:
@@ -335,6 +409,14 @@ async def main() -> None:
         if rows
         else None,
         "all_small": _all_small([r for r in rows if r.get("small")]),
+        # The share of the top five meeting the stated constraints, mean over the requests
+        # where the variant ranked something, and how many those were.
+        "constraints_met": {
+            v: _mean([r["constraints_met"].get(v) for r in rows]) for v in VARIANTS
+        },
+        "constraints_judged": {
+            v: sum(r["constraints_met"].get(v) is not None for r in rows) for v in VARIANTS
+        },
         "routed_cost_usd": routed_cost,
         "all_large_cost_usd": large_cost,
         "cost_ratio": routed_cost / large_cost if large_cost else None,
@@ -363,6 +445,8 @@ async def main() -> None:
             "cost<=40%": (summary["cost_ratio"] or 1) <= 0.4,
             "token_cost<=40%": summary["token_cost_ratio"] <= 0.4,
             "wall<=1.15x_bound": (summary["wall_over_critical_path_median"] or 9) <= 1.15,
+            "constraints_routed>=all_large": (summary["constraints_met"]["routed"] or 0)
+            >= (summary["constraints_met"]["large"] or 0),
         }
         if args.loaded:
             summary["goals"]["answered_in_time==100%"] = summary["answered_in_time"] == 1.0

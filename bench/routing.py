@@ -1,17 +1,27 @@
 """Routing benchmarks: one command per table, JSON to stdout and bench/out/, a PNG per table.
 
-    python bench/routing.py mmlu       # RouteLLM MMLU: GPT-4 vs Mixtral, 5 random 50/50 splits
-    python bench/routing.py arc        # RouterBench ARC-Challenge, 11 models, 5 resplits
+    python bench/routing.py mmlu       # RouteLLM MMLU: GPT-4 vs Mixtral
+    python bench/routing.py mt-bench   # RouteLLM MT-Bench: GPT-4 vs Mixtral, judged 1-10
+    python bench/routing.py arc        # RouterBench ARC-Challenge, 11 models
+    python bench/routing.py mbpp       # RouterBench MBPP, 11 models
     python bench/routing.py local      # the local fleet's own outcome table (shoal outcomes build)
-    python bench/routing.py decision   # decision time: embedding + policy, per query
+    python bench/routing.py all        # every table above that exists
+    python bench/routing.py decision   # decision time: embedding + policy, and the scorer
 
-Train and test queries are always disjoint. "calibrated" figures choose the route's setting on
-the training split only (what a user gets); "frontier" figures are the best setting seen on the
-test split (as RouteLLM and RouterBench report). Costs are fractions of the best single model's
-mean cost on the test split. Definitions: DESIGN.md "Measuring" and shoal/routing/evaluate.py.
+Every table runs the same experiment (`shoal.routing.experiment`, what `shoal route eval`
+runs): 5 splits (the table's own first, where it has one), train and test queries disjoint;
+every route calibrated to ≥ 95% of the best model's quality on the train split only (with a
+margin of one standard error) and reported on the test split ("calibrated"), next to the best
+setting seen on the test split ("frontier", as RouteLLM and RouterBench report). Costs are
+fractions of the best single model's mean cost on the test split. Definitions: DESIGN.md
+"Measuring" and shoal/routing/evaluate.py.
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # threaded BLAS crawls on busy shared cores
 
 import argparse
 import json
@@ -19,14 +29,16 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from shoal.routing import evaluate as ev
-from shoal.routing.calibrate import Target, calibrate_cascade, calibrate_predictive
-from shoal.routing.importers import routellm_mmlu, routerbench
+from shoal.routing.calibrate import Target
+from shoal.routing.experiment import Experiment, split_indices, summarise
+from shoal.routing.importers import routellm_mmlu, routellm_mt_bench, routerbench
 from shoal.routing.outcomes import OutcomeTable, read_table
 from shoal.routing.predictive import Featurizer, minilm_featurizer
 from shoal.settings import default_cache_dir
@@ -34,311 +46,96 @@ from shoal.settings import default_cache_dir
 log = logging.getLogger("bench.routing")
 OUT = Path(__file__).resolve().parent / "out"
 SEEDS = (0, 1, 2, 3, 4)
+QUERY_ONLY = ["logistic", "knn", "cluster"]
+WITH_ANSWERS = [*QUERY_ONLY, "cascade", "logistic+cascade", "cluster+cascade"]
 
 
 def featurizer() -> Featurizer:
     return minilm_featurizer(default_cache_dir())
 
 
-def features(feat: Featurizer, table: OutcomeTable) -> np.ndarray[Any, Any]:
-    started = time.perf_counter()
-    x = feat(table.prompts)
-    log.info("features of %d prompts in %.1f s", len(table), time.perf_counter() - started)
-    return x
-
-
-def _median(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 def _write(name: str, result: dict[str, Any]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"routing_{name}.json").write_text(json.dumps(result, indent=2, default=float), "utf-8")
-    print(json.dumps(result, indent=2, default=float))
+    brief = {k: v for k, v in result.items() if k != "each_split"}
+    print(json.dumps(brief, indent=2, default=float))
 
 
-def prune(train: OutcomeTable, slack: float = 0.02) -> list[str]:
-    """Models worth routing to, judged on the training split: each one within `slack` of the
-    zero router's hull at its cost (dominated models only add noise to a learned router)."""
-    q = train.scores.mean(axis=0)
-    c = train.costs.mean(axis=0)
-    hc, hq = ev.upper_hull(c, q)
-    keep = [m for j, m in enumerate(train.models) if q[j] >= np.interp(c[j], hc, hq) - slack]
-    return keep
+def local_table(path: str | None) -> OutcomeTable:
+    return read_table(Path(path or default_cache_dir() / "outcomes" / "local.csv"))
 
 
-def run_predictive(
-    table: OutcomeTable,
-    x: np.ndarray[Any, Any],
-    train_idx: np.ndarray[Any, Any],
-    test_idx: np.ndarray[Any, Any],
-    kinds: list[str],
-    target: Target,
-    cost_mode: str,
-    models: list[str] | None = None,
-    zs: tuple[float, ...] = (0.0,),
-) -> dict[str, Any]:
-    train, test = table.subset(train_idx), table.subset(test_idx)
-    sub_train, sub_test = train, test
-    if models is not None:
-        sub_train, sub_test = train.select_models(models), test.select_models(models)
-    ref = ev.Reference.of(test)
-    out: dict[str, Any] = {"curves": {}, "calibrated": {}}
-    for kind, z in [(k, z) for k in kinds for z in zs]:
-        fit = calibrate_predictive(
-            sub_train,
-            x[train_idx],
-            target,
-            kind=kind,
-            cost_mode=cost_mode,
-            test=sub_test,
-            x_test=x[test_idx],
-            confidence_z=z,
-        )
-        assert fit.calibration.test_curve is not None
-        assert fit.calibration.heldout is not None
-        curve = fit.calibration.test_curve
-        curve.label = kind
-        if z == zs[0]:
-            out["curves"][kind] = curve
-        held = fit.calibration.heldout
-        out["calibrated"][kind if z == 0 else f"{kind} z={z:g}"] = {
-            "lambda": fit.lam,
-            "met_on_train": fit.calibration.met,
-            "quality_ratio": held.quality / ref.q_best,
-            "cost_ratio": held.cost / ref.c_best,
-            "best_share": held.best_share,
-            "met_on_test": held.quality >= target.quality_ratio * ref.q_best
-            if target.quality_ratio
-            else held.met,
-            "quality_ci": held.quality_ci,
-        }
-    return out
+# name -> (loader, cost mode, routes)
+TABLES: dict[str, tuple[Callable[[argparse.Namespace], OutcomeTable], str, list[str]]] = {
+    "mmlu": (lambda a: routellm_mmlu(), "known", QUERY_ONLY),
+    "mt-bench": (lambda a: routellm_mt_bench(), "learned", WITH_ANSWERS),
+    "arc": (lambda a: routerbench("arc_challenge"), "learned", WITH_ANSWERS),
+    "mbpp": (lambda a: routerbench("mbpp"), "learned", WITH_ANSWERS),
+    "local": (lambda a: local_table(a.outcomes), "learned", WITH_ANSWERS),
+}
 
 
-def table_mmlu(args: argparse.Namespace) -> None:
-    table = routellm_mmlu()
+def run_table(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    loader, cost_mode, routes = TABLES[name]
+    table = loader(args)
+    if args.routes:
+        routes = args.routes.split(",")
+    if table.answers is None:
+        routes = [r for r in routes if "cascade" not in r]
     feat = featurizer()
-    x = features(feat, table)
-    kinds = args.kinds.split(",")
-    target = Target(quality_ratio=0.95)
-    runs = []
-    for seed in SEEDS[: args.seeds]:
-        order = np.random.default_rng(seed).permutation(len(table))
-        half = len(table) // 2
-        train_idx, test_idx = np.sort(order[:half]), np.sort(order[half:])
-        res = run_predictive(table, x, train_idx, test_idx, kinds, target, "known", zs=(0.0, 1.0))
-        test = table.subset(test_idx)
-        result = ev.evaluate(test, list(res["curves"].values()))
-        runs.append({"seed": seed, "metrics": result["routes"], "calibrated": res["calibrated"]})
-        log.info("seed %d: %s", seed, json.dumps(res["calibrated"], default=float))
-        if seed == 0:
+    started = time.perf_counter()
+    x = feat(table.prompts)
+    log.info(
+        "%s: features of %d prompts in %.1f s", name, len(table), time.perf_counter() - started
+    )
+    rows = {p: i for i, p in enumerate(table.prompts)}
+    load_before = os.getloadavg()
+    summaries = {}
+    for ratio in args.targets:
+        exp = Experiment(
+            table,
+            lambda texts: x[[rows[t] for t in texts]],
+            routes=routes,
+            target=Target(quality_ratio=ratio),
+            cost_mode=cost_mode,
+            embed_answers=lambda texts: feat.embedder.embed(texts).astype(np.float64),
+            confidence_z=args.z,
+        )
+        results = []
+        for seed, train_idx, test_idx in split_indices(table, list(SEEDS[: args.seeds])):
+            t0 = time.perf_counter()
+            results.append(exp.run(seed, train_idx, test_idx))
+            log.info(
+                "%s split %d (target %.2f) in %.1f s", name, seed, ratio, time.perf_counter() - t0
+            )
+        summary = summarise(results, table.name)
+        summaries[f"{ratio:g}"] = summary
+        first = results[0]
+        if ratio == args.targets[0]:
+            ref = ev.Reference.of(first.test)
             marks = [
-                (
-                    f"{k} calibrated",
-                    v["cost_ratio"],
-                    v["quality_ratio"] * ev.Reference.of(test).q_best,
-                )
-                for k, v in res["calibrated"].items()
+                (f"{k} calibrated", v["cost_ratio"], v["quality_ratio"] * ref.q_best)
+                for k, v in first.calibrated.items()
             ]
             ev.plot(
-                test,
-                list(res["curves"].values()),
-                OUT / "routing_mmlu.png",
-                title="RouteLLM MMLU (test half, seed 0): GPT-4 vs Mixtral",
+                first.test,
+                first.curves,
+                OUT / f"routing_{name}.png",
+                title=f"{table.name} (split {first.seed}, held-out queries)",
                 marks=marks,
             )
-            print(ev.format_table(result), file=sys.stderr)
-    names = [n for k in kinds for n in (k, f"{k} z=1")]
-    _write("mmlu", summarise(runs, names, "RouteLLM MMLU, GPT-4-1106 vs Mixtral-8x7B"))
-
-
-def summarise(runs: list[dict[str, Any]], kinds: list[str], title: str) -> dict[str, Any]:
-    names = list(runs[0]["metrics"])
-    summary: dict[str, Any] = {
-        "table": title,
-        "splits": len(runs),
-        "frontier": {},
-        "calibrated": {},
+            print(ev.format_table({"routes": first.metrics}), file=sys.stderr)
+    return {
+        "table": table.name,
+        "queries": len(table),
+        "models": table.mean_scores(),
+        "costs": table.mean_costs(),
+        "cost_mode": cost_mode,
+        "z": args.z,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "targets": summaries,
     }
-    for name in names:
-        summary["frontier"][name] = {
-            key: _median([r["metrics"][name][key] for r in runs])
-            for key in runs[0]["metrics"][name]
-        }
-    for kind in kinds:
-        cal = [r["calibrated"][kind] for r in runs]
-        summary["calibrated"][kind] = {
-            "cost_ratio_median": _median([c["cost_ratio"] for c in cal]),
-            "cost_ratio_each": [round(c["cost_ratio"], 4) for c in cal],
-            "quality_ratio_each": [round(c["quality_ratio"], 4) for c in cal],
-            "met_on_test": sum(bool(c["met_on_test"]) for c in cal),
-            "best_share_median": _median([c["best_share"] for c in cal]),
-        }
-    summary["runs"] = runs
-    return summary
-
-
-def table_arc(args: argparse.Namespace) -> None:
-    table = routerbench("arc_challenge")
-    feat = featurizer()
-    x = features(feat, table)
-    kinds = args.kinds.split(",")
-    runs = []
-    for seed in SEEDS[: args.seeds]:
-        if seed == 0:  # RouterDC's own split first
-            train_idx = np.array([i for i, s in enumerate(table.splits) if s == "train"])
-            test_idx = np.array([i for i, s in enumerate(table.splits) if s == "test"])
-        else:
-            order = np.random.default_rng(seed).permutation(len(table))
-            cut = len(train_idx)
-            train_idx, test_idx = np.sort(order[:cut]), np.sort(order[cut:])
-        train, test = table.subset(train_idx), table.subset(test_idx)
-        keep = prune(train)
-        gpt4 = "gpt-4-1106-preview"
-        target = Target(quality_ratio=1.0)
-        res = run_predictive(table, x, train_idx, test_idx, kinds, target, "learned", keep)
-        curves = list(res["curves"].values())
-        full = run_predictive(table, x, train_idx, test_idx, ["knn", "mlp"], target, "learned")
-        for k, c in full["curves"].items():
-            c.label = f"{k} (all 11 models)"
-            curves.append(c)
-        result = ev.evaluate(test, curves)
-        ref = ev.Reference.of(test)
-        runs.append(
-            {
-                "seed": seed,
-                "kept": keep,
-                "metrics": result["routes"],
-                "calibrated": res["calibrated"],
-                "gpt4": ref.q_best,
-            }
-        )
-        log.info("split %d kept %s: %s", seed, keep, json.dumps(res["calibrated"], default=float))
-        if seed == 0:
-            ev.plot(
-                test,
-                curves,
-                OUT / "routing_arc.png",
-                title="RouterBench ARC-Challenge (RouterDC test split)",
-            )
-            print(ev.format_table(result), file=sys.stderr)
-        assert test.models[ref.best] == gpt4
-    _write("arc", summarise(runs, kinds, "RouterBench ARC-Challenge, 11 models"))
-
-
-def table_local(args: argparse.Namespace) -> None:
-    path = Path(args.outcomes or default_cache_dir() / "outcomes" / "local.csv")
-    table = read_table(path)
-    feat = featurizer()
-    x = features(feat, table)
-    kinds = args.kinds.split(",")
-    large = "qwen2.5-coder-1.5b"
-    order_ids = ["smollm2-135m", "qwen2.5-coder-0.5b", large]
-    target = Target(quality_ratio=0.95)
-    runs = []
-    for seed in SEEDS[: args.seeds]:
-        order = np.random.default_rng(seed).permutation(len(table))
-        half = len(table) // 2
-        train_idx, test_idx = np.sort(order[:half]), np.sort(order[half:])
-        train, test = table.subset(train_idx), table.subset(test_idx)
-        res = run_predictive(table, x, train_idx, test_idx, kinds, target, "learned")
-        curves = list(res["curves"].values())
-        cascade_order = [table.models.index(m) for m in order_ids]
-        calibrated = dict(res["calibrated"])
-        if table.confidence is not None:
-            curves.append(ev.cascade_curve(test, cascade_order, "logprob cascade"))
-            scored_train, scored_test = scorer_confidence(train, test, x[train_idx], x[test_idx])
-            curves.append(ev.cascade_curve(scored_test, cascade_order, "scorer cascade"))
-            cal_s = calibrate_cascade(scored_train, cascade_order, target, test=scored_test)
-            assert cal_s.heldout is not None
-            ref = ev.Reference.of(test)
-            calibrated["scorer cascade"] = {
-                "threshold": cal_s.setting,
-                "met_on_train": cal_s.met,
-                "quality_ratio": cal_s.heldout.quality / ref.q_best,
-                "cost_ratio": cal_s.heldout.cost / ref.c_best,
-                "best_share": cal_s.heldout.best_share,
-                "met_on_test": cal_s.heldout.quality >= 0.95 * ref.q_best,
-                "quality_ci": cal_s.heldout.quality_ci,
-            }
-            cal = calibrate_cascade(train, cascade_order, target, test=test)
-            assert cal.heldout is not None
-            ref = ev.Reference.of(test)
-            calibrated["logprob cascade"] = {
-                "threshold": cal.setting,
-                "met_on_train": cal.met,
-                "quality_ratio": cal.heldout.quality / ref.q_best,
-                "cost_ratio": cal.heldout.cost / ref.c_best,
-                "best_share": cal.heldout.best_share,
-                "met_on_test": cal.heldout.quality >= 0.95 * ref.q_best,
-                "quality_ci": cal.heldout.quality_ci,
-            }
-        result = ev.evaluate(test, curves)
-        runs.append(
-            {
-                "seed": seed,
-                "metrics": result["routes"],
-                "calibrated": calibrated,
-                "models": result["models"],
-            }
-        )
-        if seed == 0:
-            ev.plot(
-                test,
-                curves,
-                OUT / "routing_local.png",
-                title=f"Local fleet, {len(table)} questions (test half, seed 0)",
-            )
-            print(ev.format_table(result), file=sys.stderr)
-    names = kinds + (["logprob cascade", "scorer cascade"] if table.confidence is not None else [])
-    summary = summarise(runs, names, f"Local fleet ({len(table)} questions)")
-    summary["per_dataset"] = {
-        g: {
-            m: float(table.scores[[i for i, gg in enumerate(table.groups) if gg == g], j].mean())
-            for j, m in enumerate(table.models)
-        }
-        for g in sorted(set(table.groups))
-    }
-    _write("local", summary)
-
-
-def scorer_confidence(
-    train: OutcomeTable,
-    test: OutcomeTable,
-    x_train: np.ndarray[Any, Any],
-    x_test: np.ndarray[Any, Any],
-) -> tuple[OutcomeTable, OutcomeTable]:
-    """The tables with `confidence` replaced by a learned P(correct | query, answer confidence):
-    one logistic regression per model on [query features, token confidence]. Train-split
-    confidences are out-of-fold, so that thresholds calibrate on honest figures."""
-    from copy import copy
-
-    from shoal.routing.predictive import fit_logistic
-
-    assert train.confidence is not None
-    assert test.confidence is not None
-
-    def feats(x: np.ndarray[Any, Any], conf: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return np.hstack([x, 4 * conf[:, None], 4 * conf[:, None] ** 2])
-
-    p_train = np.zeros_like(train.confidence)
-    p_test = np.zeros_like(test.confidence)
-    folds = np.arange(len(train)) % 5
-    for j in range(len(train.models)):
-        y = train.scores[:, j : j + 1]
-        for k in range(5):
-            w, b = fit_logistic(
-                feats(x_train[folds != k], train.confidence[folds != k, j]), y[folds != k], l2=10.0
-            )
-            z = feats(x_train[folds == k], train.confidence[folds == k, j]) @ w + b
-            p_train[folds == k, j] = 1 / (1 + np.exp(-z[:, 0]))
-        w, b = fit_logistic(feats(x_train, train.confidence[:, j]), y, l2=10.0)
-        p_test[:, j] = 1 / (1 + np.exp(-(feats(x_test, test.confidence[:, j]) @ w + b)[:, 0]))
-    scored_train, scored_test = copy(train), copy(test)
-    scored_train.confidence, scored_test.confidence = p_train, p_test
-    return scored_train, scored_test
 
 
 def table_decision(args: argparse.Namespace) -> None:
@@ -365,7 +162,8 @@ def table_decision(args: argparse.Namespace) -> None:
         ),
         fake_card("gpt-4-1106-preview", price=TokenPrice(input_per_mtok=10, output_per_mtok=30)),
     ]
-    for kind in ("logistic", "knn", "mlp"):
+    load_before = os.getloadavg()
+    for kind in ("logistic", "knn", "cluster"):
         fit = fit_route(train, x_train, Target(quality_ratio=0.95), kind=kind, cost_mode="known")
         router = PredictiveRouter(
             train.models, raw, fit.predictor, lam=fit.lam, ref_cost=fit.ref_cost, cost_mode="known"
@@ -403,17 +201,59 @@ def table_decision(args: argparse.Namespace) -> None:
             "threads": args.threads,
             "prompt_chars_median": statistics.median(lengths),
             "routers": results,
+            "scorer": scorer_times(cached, raw, args.queries),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
     )
+
+
+def scorer_times(cached: Featurizer, raw: Featurizer, n: int) -> dict[str, Any]:
+    """p50 time to score one cheap answer (a cascade's work on top of the cheap call): embed
+    the answer (GGUF, uncached), its features, the logistic scorer. The query's features are
+    already there (the pre-route computed them)."""
+    from shoal.routing.scorer import AnswerScorer, answer_features
+
+    out: dict[str, Any] = {}
+    for name, table, model in (
+        ("arc (option letters)", routerbench("arc_challenge"), "mistralai/mistral-7b-chat"),
+        ("mbpp (code)", routerbench("mbpp"), "mistralai/mixtral-8x7b-chat"),
+    ):
+        assert table.answers is not None
+        j = table.model_index(model)
+        answers = [row[j] or " " for row in table.answers]
+        half = len(table) // 2
+        xq = cached(table.prompts)
+        vecs = cached.embedder.embed(answers[:half]).astype(np.float64)
+        scorer = AnswerScorer().fit(
+            answer_features(xq[:half], vecs, answers[:half]), table.scores[:half, j]
+        )
+        times = []
+        for i in range(half, min(len(table), half + n)):
+            t0 = time.perf_counter()
+            vec = raw.embedder.embed([answers[i]]).astype(np.float64)
+            scorer.predict(answer_features(xq[i : i + 1], vec, answers[i : i + 1]))
+            times.append(time.perf_counter() - t0)
+        out[name] = {
+            "p50_ms": statistics.median(times) * 1e3,
+            "p95_ms": float(np.percentile(times, 95)) * 1e3,
+            "answer_chars_median": statistics.median(len(a) for a in answers[half:]),
+        }
+        log.info("scorer %s: %s", name, out[name])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("table", choices=["mmlu", "arc", "local", "decision"])
+    parser.add_argument("table", choices=[*TABLES, "all", "decision"])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--kinds", default="knn,logistic,mlp,ensemble")
+    parser.add_argument("--routes", help="comma-separated (default: every route the table allows)")
+    parser.add_argument(
+        "--targets", type=lambda v: [float(t) for t in v.split(",")], default=[0.95]
+    )
+    parser.add_argument("--z", type=float, default=1.0, help="margin asked of the target on train")
     parser.add_argument("--outcomes", help="local table file (default: the cache dir's)")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
@@ -421,9 +261,19 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
     )
-    {"mmlu": table_mmlu, "arc": table_arc, "local": table_local, "decision": table_decision}[
-        args.table
-    ](args)
+    if args.table == "decision":
+        table_decision(args)
+        return
+    names = list(TABLES) if args.table == "all" else [args.table]
+    for name in names:
+        if (
+            name == "local"
+            and args.table == "all"
+            and not (args.outcomes or (default_cache_dir() / "outcomes" / "local.csv").is_file())
+        ):
+            log.info("no local outcome table: skipped (build one with `shoal outcomes build`)")
+            continue
+        _write(name, run_table(name, args))
 
 
 if __name__ == "__main__":

@@ -136,3 +136,14 @@ def tiny(tiny_card: shoal.ModelCard, tiny_path: Path) -> shoal.Model:
 def keys_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An API key store for a module's server tests."""
     return tmp_path_factory.mktemp("keys") / "keys.sqlite"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """A real local Ray cluster (head + second node), inside the loopback-only namespace that
+    `tests/test_ray.py` starts; see `ray_support`."""
+    from ray_support import INSIDE, start_cluster
+
+    if not INSIDE:
+        pytest.skip("Ray runs only inside the loopback-only namespace (tests/test_ray.py)")
+    yield from start_cluster(free_port())

@@ -424,3 +424,45 @@ def test_run_a_yaml_pipeline_prints_its_output_and_status(tmp_path: Path) -> Non
 
 def shout(text: str, times: int) -> str:
     return (text.upper() + "!") * times
+
+
+def test_a_partial_run_shows_what_finished_and_what_was_cut(tmp_path: Path) -> None:
+    """A run stopped by its deadline: every step that finished, by name, then each step that
+    did not and why, then the status."""
+    (tmp_path / "late.yaml").write_text(
+        "name: late\ninputs: [text]\noutput: polished\nsteps:\n"
+        "  - {name: drafted, kind: python, fn: 'test_cli:draft', inputs: [text]}\n"
+        "  - {name: counted, kind: python, fn: 'test_cli:count_words', inputs: [drafted]}\n"
+        "  - {name: polished, kind: python, fn: 'test_cli:polish', inputs: [drafted]}\n",
+        "utf-8",
+    )
+    env = {"SHOAL_CACHE_DIR": str(tmp_path / "cache")}
+    command = ["run", str(tmp_path / "late.yaml"), "-i", "text=hello world", "--deadline", "1"]
+    result = runner.invoke(app, command, env=env)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "drafted (complete):",
+        "a draft: hello world",
+        "counted (complete):",
+        "4",
+    ]
+    said = result.stderr.splitlines()
+    assert "cut: polished (cancelled at the deadline)" in said
+    assert said[-1].startswith("partial — deadline of 1 s reached · ")
+    as_json = json.loads(runner.invoke(app, [*command, "--json"], env=env).stdout)
+    assert as_json["values"] == {"drafted": "a draft: hello world", "counted": 4}
+
+
+def draft(text: str) -> str:
+    return f"a draft: {text}"
+
+
+def count_words(drafted: str) -> int:
+    return len(drafted.split())
+
+
+async def polish(drafted: str) -> str:
+    import asyncio
+
+    await asyncio.sleep(30)
+    return drafted.upper()

@@ -42,10 +42,12 @@ def test_metrics_on_a_hand_computed_table() -> None:
     choices = [np.array([0, 0, 0, 0]), np.array([0, 1, 0, 0]), np.array([1, 1, 1, 1])]
     curve = ev.curve_from_choices(table, choices, "route")
     m = ev.metrics(curve, ref)
-    assert m["apgr"] == pytest.approx((10 - 3.25) / 9, abs=0.01)
-    assert m["cost_at_95"] == pytest.approx(0.325)
-    assert m["cpt50"] == 0.25
-    assert m["cpt80"] == 0.25
+    # Mixing the first two settings reaches every point between them (the hull, as plotted):
+    # PGR rises linearly from cost 1 to 3.25, then stays 1.
+    assert m["apgr"] == pytest.approx((2.25 / 2 + 6.75) / 9, abs=0.002)
+    assert m["cost_at_95"] == pytest.approx((1 + 0.85 * 2.25) / 10)  # 0.7125 = 85% of the way
+    assert m["cpt50"] == pytest.approx(0.125)
+    assert m["cpt80"] == pytest.approx(0.2)
     # Hull (1, .5) - (3.25, .75) - (10, .75) over [1, 10].
     assert m["aiq"] == pytest.approx((1.25 / 2 * 2.25 + 0.75 * 6.75) / 9, abs=1e-3)
     zero = ev.baseline_curves(table)["zero router"]
@@ -159,12 +161,91 @@ def test_a_target_no_model_can_meet_is_flagged_not_swapped() -> None:
         table, x, Target(min_quality=0.99), kind="logistic", cost_mode="known"
     )
     assert not fit.calibration.met
-    # The best quality any setting reached (not a silent cheaper one), flagged as not met.
-    assert fit.calibration.calib_quality >= table.scores.mean(axis=0).max() - 0.01
+    # Every query goes to the best single model (not to the per-query predicted best), flagged.
+    assert fit.fallback == 1
+    assert fit.calibration.fallback == "strong"
+    assert fit.calibration.calib_quality == table.scores[:, 1].mean()
+    assert fit.calibration.calib_cost_ratio == 1.0
     cascade = tiny()
     cascade.confidence = np.full((4, 2), 0.5)
-    cal = calibrate_cascade(cascade, [0, 1], Target(min_quality=0.99))
+    cal = calibrate_cascade(cascade, [0, 1], Target(min_quality=0.99), test=cascade)
     assert not cal.met
+    assert cal.fallback == "strong"
+    assert cal.heldout is not None
+    assert cal.heldout.best_share == 1.0
+
+
+def test_a_route_that_missed_its_target_sends_every_query_to_the_fallback() -> None:
+    from shoal.messages import ChatRequest
+    from shoal.models.embedder import HashEmbedder
+    from shoal.models.fake import fake_card
+    from shoal.routing.predictive import Featurizer, LogisticPredictor, PredictiveRouter
+
+    feat = Featurizer(HashEmbedder(16))
+    table, _ = synthetic(200, seed=3)
+    x = feat([f"question {i}" for i in range(200)])
+    predictor = LogisticPredictor().fit(x, table.scores)
+    cards = [fake_card("weak"), fake_card("strong")]
+    router = PredictiveRouter(
+        ["weak", "strong"],
+        feat,
+        predictor,
+        lam=1e3,  # left alone, this weight would always pick the cheap model
+        cost_mode="known",
+        target="quality ≥ 0.99",
+        target_met=False,
+        fallback="strong",
+    )
+    decision = router.choose(ChatRequest.of("question 7"), cards, {})
+    assert decision.models == ("strong",)
+    assert not decision.target_met
+    assert "every query goes to strong" in decision.reason
+
+
+def test_random_and_zero_router_coincide_on_a_two_model_table() -> None:
+    table, _ = synthetic(500, seed=4)
+    ref = ev.Reference.of(table)
+    base = ev.baseline_curves(table)
+    random, zero = ev.metrics(base["random"], ref), ev.metrics(base["zero router"], ref)
+    assert random.keys() == zero.keys()
+    for key, value in random.items():
+        assert zero[key] == pytest.approx(value, abs=1e-9), key
+    assert random["apgr"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_table_figures_read_the_same_hull_as_the_plot() -> None:
+    """$@95% and APGR mix neighbouring settings: a curve of only its two end points gives the
+    figures of the straight line between them."""
+    table, _ = synthetic(500, seed=5)
+    ref = ev.Reference.of(table)
+    ends = ev.curve_from_choices(table, [np.zeros(500, np.intp), np.ones(500, np.intp)], "ends")
+    line = ev.baseline_curves(table)["random"]  # 21 points on the same line
+    for key in ("apgr", "cost_at_95", "cpt50", "aiq"):
+        assert ev.metrics(ends, ref)[key] == pytest.approx(ev.metrics(line, ref)[key], abs=1e-9)
+
+
+def test_degenerate_router_input_is_flagged() -> None:
+    from shoal.routing.diagnose import embedding_warnings, prediction_warnings
+
+    rng = np.random.default_rng(0)
+    varied = rng.normal(size=(300, 32))
+    same = np.tile(varied[:1], (300, 1)) + np.hstack([np.zeros((300, 26)), varied[:, :6]])
+    assert embedding_warnings(varied) == []
+    warned = embedding_warnings(same)  # the 26 embedding columns are one vector
+    assert any("300 of 300 queries (100%) have the same embedding" in w for w in warned)
+    flat = 0.6 + 0.005 * rng.random((300, 2))
+    assert any("hardly varies" in w for w in prediction_warnings(flat, ["a", "b"]))
+    assert prediction_warnings(rng.random((300, 2)), ["a", "b"], distinct_routes=20) == []
+    # Calibration runs the checks and keeps what they found.
+    table, x = synthetic(400, seed=6)
+    clean = calibrate_predictive(table, x, Target(quality_ratio=0.95), kind="logistic")
+    assert clean.calibration.warnings == []
+    blind = calibrate_predictive(
+        table, np.tile(x[:1], (400, 1)), Target(quality_ratio=0.95), kind="logistic"
+    )
+    assert any("same embedding" in w for w in blind.calibration.warnings)
+    assert any("hardly varies" in w for w in blind.calibration.warnings)
+    assert blind.calibration.summary()["warnings"] == blind.calibration.warnings
 
 
 def test_cost_cap_target_picks_the_best_quality_within_the_cap() -> None:

@@ -123,13 +123,13 @@ def test_a_second_server_on_one_keys_file_is_refused(tmp_path: Path) -> None:
             assert "Traceback" not in second.stderr
 
             # The command line administers keys while the server holds the file.
-            created = runner.invoke(cli, ["keys", "create", "admin", "--keys", str(keys)])
+            created = runner.invoke(cli, ["keys", "create", "ops-team", "--keys", str(keys)])
             assert created.exit_code == 0, created.output
             listed = runner.invoke(
                 cli, ["keys", "list", "--keys", str(keys)], env={"COLUMNS": "200"}
             )
             assert listed.exit_code == 0, listed.output
-            assert "admin" in listed.stdout
+            assert "ops-team" in listed.stdout
         finally:
             held.kill()  # no chance to clean up: the lock must go with the process
     KeyStore(keys, serving=True).close()

@@ -97,9 +97,10 @@ def test_keys_list_as_json(tmp_path: Path) -> None:
         "rpm",
         "revoked",
         "created_at",
+        "admin",
     }
     assert (first["budget_usd"], first["spent_usd"], first["requests"]) == (1.5, 0.000117, 3)
-    assert (first["rpm"], first["revoked"]) == (60, False)
+    assert (first["rpm"], first["revoked"], first["admin"]) == (60, False, False)
     assert rows[1]["budget_usd"] is None
     assert rows[1]["rpm"] is None
     datetime.fromisoformat(first["created_at"])

@@ -1,7 +1,10 @@
 """The rental assistant: criteria -> candidates -> shortlist -> scores -> a ranked answer.
 
 Four model steps, each behind a route, and plain Python for what Python does better: checking
-the model's reading of the request against its words, filters, and the arithmetic of a score.
+the model's reading of the request against its words, filters (and what to relax when nothing
+passes them), the arithmetic of a score from the listing's facts, and checking that the written
+recommendation names the ranked #1 (`explain.py`). The city is any Inside Airbnb listings file
+(`data.py`): the `city` input is a bundled city's name, a file's path, or a `City`'s fields.
 The routed pipeline sends each step to the smallest model that does it well; the `all_large`
 form sends every step to the large model, the baseline it is measured against.
 """
@@ -16,14 +19,11 @@ from shoal.engine import Engine
 from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.routing.config import build_route
 from shoal.settings import FallbackRouteSpec, FixedRouteSpec
-from shoal_examples.rental.criteria import (
-    CRITERIA_SYSTEM,
-    Criteria,
-    ground,
-    near_downtown,
-    stems,
-)
-from shoal_examples.rental.data import Listing, load_listings, review_sample
+from shoal_examples.rental.criteria import CRITERIA_SYSTEM, Criteria, Reading, ground, near_downtown
+from shoal_examples.rental.data import Listing, city_of, market, review_sample
+from shoal_examples.rental.explain import checked, written
+from shoal_examples.rental.filters import filters, relax
+from shoal_examples.rental.scoring import Fit, assess, rating_points, wishes_met
 
 SMALL, LARGE = "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"
 
@@ -49,7 +49,9 @@ FINALISTS = 5
 class Candidates(BaseModel):
     listings: list[Listing]
     matched: int
-    note: str
+    note: str  # how many listings each filter left
+    advice: str  # when none is left: which stated constraint to relax
+    where: str  # the city's listings, rows skipped, and where distances are measured from
 
 
 class Picks(BaseModel):
@@ -63,113 +65,73 @@ class Finalist(BaseModel):
     reviews: list[str]
 
     def card(self) -> str:
-        said = " ".join(f'"{r}"' for r in self.reviews) or "none yet"
-        rating = f"{self.listing.rating:.2f}" if self.listing.rating else "unrated"
-        return f"{self.listing.summary()} | rating {rating}\nReviews: {said}"
-
-
-class Fit(BaseModel):
-    """The scorer's reading of one listing: what its reviews say, how well it fits, and why.
-    The 0-10 score is computed from these and the listing's facts (`points`), not asked for:
-    the models' numbers out of ten were noise (the large one gave 0 or 6 to most listings),
-    while a verdict in words is something a small model gives about as well as a large one."""
-
-    reviews: Literal["positive", "mixed", "negative", "none"]
-    fit: Literal["poor", "fair", "good", "great"]
-    reason: str = Field(max_length=140)
+        x = self.listing
+        said = " ".join(f'"{r}"' for r in self.reviews) or "none in the data"
+        rating = f"{x.rating:.2f}/5 over {x.reviews} review(s)" if x.rating else "unrated"
+        area = f" | about the area: {x.area[:150]}" if x.area else ""
+        return f"{x.summary()}{area} | rating {rating}\nReviews: {said}"
 
 
 class Ranked(BaseModel):
     listing_id: int
     title: str
+    room_type: str
     price: float
     bedrooms: int
-    km_to_downtown: float
+    accommodates: int
+    km_to_center: float
     rating: float | None
-    score: int
-    reason: str
+    reviews: int
+    score: float
+    wishes: float  # the share of the wishes met (required ones count double)
+    reason: str  # facts of the listing, each checkable
 
 
 class RentalAnswer(BaseModel):
     criteria: Criteria
     ranked: list[Ranked]
     explanation: str
+    # Who wrote the explanation: the model (checked against the ranking), the template (the
+    # model's text did not pass the checks, or there was none), or the filters (nothing fit).
+    explained_by: Literal["model", "template", "filters", "none"]
+    where: str
     note: str
 
 
 # -- plain Python steps -------------------------------------------------------------------------
 
-# Amenity words a filter can check; anything else is left to the models.
-_AMENITY_WORDS = {
-    "parking": ("parking", "garage"),
-    "wifi": ("wifi",),
-    "kitchen": ("kitchen",),
-    "washer": ("washer",),
-    "dryer": ("dryer",),
-    "laundry": ("washer", "dryer", "laundry"),
-    "air conditioning": ("air conditioning",),
-    "ac": ("air conditioning",),
-    "pets": ("pets allowed",),
-    "pet": ("pets allowed",),
-    "dog": ("pets allowed",),
-    "workspace": ("workspace",),
-    "desk": ("workspace",),
-    "fireplace": ("fireplace",),
-    "breakfast": ("breakfast",),
-    "pool": ("pool",),
-    "gym": ("gym",),
-    "hot tub": ("hot tub",),
-    "tv": ("tv",),
-}
-_DOWNTOWN_KM = 3.0
 
-
-def _amenity_terms(wish: str) -> tuple[str, ...] | None:
-    wish = wish.lower()
-    for word, terms in _AMENITY_WORDS.items():
-        if word in wish:
-            return terms
-    return None
-
-
-def _has(listing: Listing, terms: tuple[str, ...]) -> bool:
-    return any(any(t in a.lower() for t in terms) for a in listing.amenities)
-
-
-def criteria(request: str, read: Criteria) -> Criteria:
+def criteria(request: str, read: Reading) -> Criteria:
     """The criteria as the model read them, grounded in the request's own words."""
     return ground(request, read)
 
 
-def candidates(criteria: Criteria, city: str) -> Candidates:
-    """Hard filters (price, size, checkable must-haves, downtown), then the best pre-ranked."""
-    pool = list(load_listings(city))
-    steps = [f"{len(pool)} listings in {city}"]
-
-    def keep(label: str, test: Any) -> None:
-        nonlocal pool
-        pool = [x for x in pool if test(x)]
-        steps.append(f"{label}: {len(pool)}")
-
-    if criteria.max_price:
-        keep(f"at most ${criteria.max_price:.0f}/night", lambda x: x.price <= criteria.max_price)
-    if criteria.guests:
-        keep(f"sleeps {criteria.guests}+", lambda x: x.accommodates >= (criteria.guests or 0))
-    if criteria.bedrooms:
-        keep(f"{criteria.bedrooms}+ bedrooms", lambda x: x.bedrooms >= (criteria.bedrooms or 0))
-    for wish in criteria.must_haves:
-        terms = _amenity_terms(wish)
-        if terms:
-            keep(f"has {wish}", lambda x, t=terms: _has(x, t))
+def candidates(criteria: Criteria, city: Any) -> Candidates:
+    """Hard filters (price, size, room type, checkable must-haves, downtown), then the best
+    pre-ranked; when none passes, which constraint to relax."""
+    found = market(city_of(city))
+    tests = filters(criteria)
+    pool = list(found.listings)
+    steps = [f"{len(pool)} listings in {found.city.name}"]
+    for test in tests:
+        pool = [x for x in pool if test.test(x)]
+        steps.append(f"{test.label}: {len(pool)}")
     downtown = bool(criteria.area and near_downtown(criteria.area))
-    if downtown:
-        keep(f"within {_DOWNTOWN_KM:g} km of downtown", lambda x: x.km_to_downtown <= _DOWNTOWN_KM)
-    matched = len(pool)
-    pool.sort(key=lambda x: (x.km_to_downtown if downtown else 0, -(x.rating or 0), x.price))
-    note = " -> ".join(steps)
-    if not pool:
-        note = f"No listing fits: {note}. Loosen the tightest of these and ask again."
-    return Candidates(listings=pool[:SHORTLIST_SIZE], matched=matched, note=note)
+
+    def pre_rank(x: Listing) -> tuple[float, ...]:
+        """Nearest first when downtown was asked for, then the wishes its words bear out,
+        then its rating (pulled toward a typical one over few reviews), then the price."""
+        wished = wishes_met(criteria, x, []).share
+        return (x.km_to_center if downtown else 0, -wished, -(rating_points(x) or 0), x.price)
+
+    pool.sort(key=lambda x: (*pre_rank(x), x.id))
+    return Candidates(
+        listings=pool[:SHORTLIST_SIZE],
+        matched=len(pool),
+        note=" -> ".join(steps),
+        advice="" if pool else relax(found.listings, tests),
+        where=found.describe(),
+    )
 
 
 def menus(candidates: Candidates) -> list[str]:
@@ -180,7 +142,7 @@ def menus(candidates: Candidates) -> list[str]:
     return ["\n".join(f"{i}. {x.summary()}" for i, x in enumerate(candidates.listings, start=1))]
 
 
-def finalists(candidates: Candidates, shortlist: list[Picks | None], city: str) -> list[Finalist]:
+def finalists(candidates: Candidates, shortlist: list[Picks | None], city: Any) -> list[Finalist]:
     """The model's picks (positions outside the menu are dropped), topped up from the
     pre-ranking."""
     menu = candidates.listings
@@ -200,83 +162,79 @@ def wishes(criteria: Criteria) -> str:
     return "; ".join(listed) or "nothing beyond the filters"
 
 
-def _mentions(text: str, wish: str) -> bool:
-    """Whether a wish the amenity list cannot settle is borne out by the listing's own text:
-    one of its words (or the word's stem) is there; for "no stairs", the word is not."""
-    negated = wish.lower().startswith(("no ", "not ", "without "))
-    found = any(stem in text for stem in stems(wish))
-    return not found if negated else found
-
-
-_FIT_POINTS = {"poor": 0.0, "fair": 0.7, "good": 1.3, "great": 2.0}
-_REVIEW_POINTS = {"positive": 2.0, "mixed": 1.0, "none": 1.0, "negative": 0.0}
-
-
-def points(criteria: Criteria, finalist: Finalist, fit: Fit) -> int:
-    """The 0-10 score. 4 for the wishes met, required ones counting double: the amenity list
-    settles those it can, the listing's text and reviews the rest. 2 for the scorer's overall
-    fit, 2 for what it read in the reviews. 1 for the price against the budget, 1 for the
-    distance when downtown was asked for."""
-    listing = finalist.listing
-    text = " ".join(
-        [listing.title, listing.description, *listing.amenities, *finalist.reviews]
-    ).lower()
-    weight = total = 0.0
-    for wish, must in criteria.wishes():
-        terms = _amenity_terms(wish)
-        ok = _has(listing, terms) if terms else _mentions(text, wish)
-        total += 2 if must else 1
-        weight += (2 if must else 1) * ok
-    wished = 4 * weight / total if total else 3.0
-    price = 1 - 0.5 * listing.price / criteria.max_price if criteria.max_price else 1.0
-    near = 1.0
-    if criteria.area and near_downtown(criteria.area):
-        near = 1.0 if listing.km_to_downtown <= 1 else 0.5
-    return round(wished + _FIT_POINTS[fit.fit] + _REVIEW_POINTS[fit.reviews] + price + near)
-
-
 def rank(criteria: Criteria, finalists: list[Finalist], scores: list[Fit | None]) -> list[Ranked]:
-    ranked = [
-        Ranked(
-            listing_id=f.listing.id,
-            title=f.listing.title,
-            price=f.listing.price,
-            bedrooms=f.listing.bedrooms,
-            km_to_downtown=f.listing.km_to_downtown,
-            rating=f.listing.rating,
-            score=points(criteria, f, s),
-            reason=s.reason,
+    """The finalists the scorer read, best first: by score, then by the wishes they meet,
+    then by rating, then by price."""
+    ranked = []
+    for f, fit in zip(finalists, scores, strict=True):
+        if fit is None:
+            continue
+        x = f.listing
+        got = assess(criteria, x, f.reviews, fit)
+        ranked.append(
+            Ranked(
+                listing_id=x.id,
+                title=x.title,
+                room_type=x.room_type,
+                price=x.price,
+                bedrooms=x.bedrooms,
+                accommodates=x.accommodates,
+                km_to_center=x.km_to_center,
+                rating=x.rating,
+                reviews=x.reviews,
+                score=got.score,
+                wishes=got.wishes,
+                reason=got.reason,
+            )
         )
-        for f, s in zip(finalists, scores, strict=True)
-        if s is not None
-    ]
-    ranked.sort(key=lambda r: (-r.score, -(r.rating or 0), r.price))
+    ranked.sort(key=lambda r: (-r.score, -r.wishes, -(r.rating or 0), r.price, r.listing_id))
     return ranked
 
 
+def _facts(i: int, r: Ranked) -> str:
+    rating = f", rated {r.rating:.2f}/5 over {r.reviews} review(s)" if r.rating else ""
+    return (
+        f'#{i} "{r.title}": {r.room_type}, ${r.price:.0f}/night, {r.bedrooms} bedroom(s), '
+        f"sleeps {r.accommodates}, {r.km_to_center:.1f} km from the center{rating}; "
+        f"score {r.score:.1f}/10; {r.reason}"
+    )
+
+
 def briefs(ranked: list[Ranked]) -> list[str]:
-    """What the explanation step is given; none when nothing was ranked (no call is made)."""
+    """What the explanation step is given: the top three with their facts, and which one to
+    recommend; none when nothing was ranked (no call is made)."""
     if not ranked:
         return []
-    return [
-        "\n".join(
-            f"{i}. {r.title} (${r.price:.0f}/night, {r.bedrooms} bedroom(s), "
-            f"{r.km_to_downtown:.1f} km from downtown): {r.score}/10, {r.reason}"
-            for i, r in enumerate(ranked[:3], start=1)
-        )
-    ]
+    lines = [_facts(i, r) for i, r in enumerate(ranked[:3], start=1)]
+    return ["\n".join([*lines, f'Recommend #1, "{ranked[0].title}".'])]
 
 
 def answer(
-    criteria: Criteria, candidates: Candidates, ranked: list[Ranked], explain: list[str | None]
+    request: str,
+    criteria: Criteria,
+    candidates: Candidates,
+    ranked: list[Ranked],
+    briefs: list[str],
+    explain: list[str | None],
 ) -> RentalAnswer:
-    text = next((e for e in explain if e), None)
-    if not ranked:
-        text = candidates.note
+    """The ranking and its explanation: the model's text when it passes the checks (names the
+    ranked #1 first, no loop, no number it was not given), else one written from the facts."""
+    said = next((e for e in explain or [] if e), None)
+    facts = " ".join([request, *briefs])
+    text = checked(said, ranked, facts)
+    by: Literal["model", "template", "filters", "none"] = "model"
+    if not candidates.listings:
+        text, by = candidates.advice, "filters"
+    elif not ranked:
+        text, by = "", "none"
+    elif text is None:
+        text, by = written(ranked), "template"
     return RentalAnswer(
         criteria=criteria,
         ranked=ranked,
-        explanation=(text or "").strip(),
+        explanation=text,
+        explained_by=by,
+        where=candidates.where,
         note=f"{candidates.matched} listing(s) passed the filters ({candidates.note})",
     )
 
@@ -295,7 +253,7 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
             ModelStep(
                 "read",
                 model=use["rental-criteria"],
-                output=Criteria,
+                output=Reading,
                 inputs=("request",),
                 system=CRITERIA_SYSTEM,
                 prompt="Request: {request}\nCriteria as JSON:",
@@ -330,9 +288,8 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 "the listing and its reviews say.",
                 prompt="The guest asked: {request}\nWishes: {wishes}\n\nListing: {item}\n\n"
                 "reviews: what its reviews say overall (positive, mixed, negative, or none if it "
-                "has none). fit: how well it fits the request (poor, fair, good or great). "
-                "reason: one short sentence on why.",
-                max_tokens=80,
+                "has none). fit: how well it fits the request (poor, fair, good or great).",
+                max_tokens=40,
             ),
             PythonStep("ranked", rank),
             PythonStep("briefs", briefs),
@@ -342,13 +299,14 @@ def build(models: dict[str, str] | None = None) -> Pipeline:
                 inputs=("request", "briefs"),
                 map_over="briefs",
                 system="You are a helpful rental assistant. Be concise and concrete.",
-                prompt="The guest asked: {request}\nTop matches:\n{item}\n\nIn two or three "
-                "sentences, recommend the best one and say why, noting any trade-off.",
+                prompt="The guest asked: {request}\nThe ranking, best first:\n{item}\n\nIn two "
+                "or three sentences, tell the guest why #1 is the best match, calling it by its "
+                "name, and note one trade-off. Use only the facts above.",
                 max_tokens=110,
                 optional=True,
                 on_deadline="skip",  # the ranked table is the answer; the prose is a bonus
             ),
-            PythonStep("answer", answer, inputs=("criteria", "candidates", "ranked", "explain")),
+            PythonStep("answer", answer),
         ],
     )
 

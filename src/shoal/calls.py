@@ -17,9 +17,9 @@ from shoal.messages import ChatRequest, RouteDecision
 @dataclass(frozen=True)
 class CallPlan:
     """`name` is what was asked for (a model id or a route name); `models` the models the call
-    may use, in the order it uses them (one, or a cascade); `worst_usd` the most it can cost
-    (reserved before it starts) and `expected_s` how long it is expected to take. `record` names
-the target its answer is recorded under for distillation (opt-in; None records nothing)."""
+        may use, in the order it uses them (one, or a cascade); `worst_usd` the most it can cost
+        (reserved before it starts) and `expected_s` how long it is expected to take. `record` names
+    the target its answer is recorded under for distillation (opt-in; None records nothing)."""
 
     name: str
     request: ChatRequest

@@ -26,6 +26,10 @@ from shoal.money import whole_pico
 DEFAULT_HOST_PRICE_PER_HOUR = 0.09
 
 
+# The capability of a model that answers one task only (a specialist).
+SINGLE_TASK = "single-task"
+
+
 class _Data(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -88,6 +92,12 @@ class ModelCard(_Data):
     )
     prompt_tok_s: float | None = Field(default=None, gt=0, description="expected prompt speed")
     gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
+
+    @property
+    def single_task(self) -> bool:
+        """A specialist: it answers only the task it was trained for, so it never stands in
+        for another model."""
+        return SINGLE_TASK in self.capabilities
 
     def cost(self, usage: Usage, compute_s: float) -> float:
         """What a call of this size cost, in whole picodollars."""

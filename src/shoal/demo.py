@@ -36,7 +36,11 @@ QUESTIONS: tuple[tuple[str, str], ...] = (
 async def run_demo(
     fleet: Fleet, *, max_tokens: int, console: Console | None = None
 ) -> dict[str, Any]:
-    ids = [card.id for card in fleet.cards() if card.runs == "local" and fleet.installed(card.id)]
+    ids = [
+        c.id
+        for c in fleet.cards()
+        if c.runs == "local" and not c.single_task and fleet.installed(c.id)
+    ]
     rows: list[dict[str, Any]] = []
     loads: dict[str, float] = {}
     started = time.perf_counter()

@@ -102,6 +102,8 @@ class Engine:
         if name in self.fleet.ids:
             raise ConfigError(f"route {name!r} has the same name as a model of the fleet")
         self._routes[name] = model
+        if isinstance(model, RoutedModel):  # a route's own calls (drift checks) come through here
+            model.bind(self)
         self.record(name, record)
 
     def record(self, name: str, on: bool = True) -> None:
@@ -111,6 +113,10 @@ class Engine:
             self._recorded.add(name)
         else:
             self._recorded.discard(name)
+
+    def recorded(self, name: str) -> bool:
+        """Whether the answers of calls to `name` are recorded (`record`)."""
+        return name in self._recorded
 
     @property
     def route_names(self) -> list[str]:
@@ -187,8 +193,13 @@ class Engine:
 
     def stand_ins(self, plan: CallPlan) -> list[CallPlan]:
         """The same request planned on each model of the fleet that costs less than `plan`,
-        dearest first: what a run degrades to when money or time runs low."""
-        plans = [self._plan_model(m, plan.request) for m in self.fleet.ids if m not in plan.models]
+        dearest first: what a run degrades to when money or time runs low. A specialist stands in
+        for nothing: it answers only its own task."""
+        plans = [
+            self._plan_model(m, plan.request)
+            for m in self.fleet.ids
+            if m not in plan.models and not self.fleet.card(m).single_task
+        ]
         cheaper = [p for p in plans if p.worst_usd < plan.worst_usd]
         return sorted(cheaper, key=lambda p: p.worst_usd, reverse=True)
 
@@ -423,6 +434,7 @@ def _record(
         decision=decision,
         started_at=started,
         finished_at=finished,
+        ttft_s=answer.ttft_s,
     )
 
 
@@ -477,12 +489,15 @@ class _Tab:
         for answer in (*response.attempts, response):
             if self.engine.fleet.runs_locally(answer.model):
                 self.engine.speeds.observe(answer)
-        self._close([*response.attempts, response], None, response.decision)
+        recorded: int | None = None  # the recording's id: the call's trace links to it
+        try:
+            if self.plan.record is not None and not self.shadowed:
+                example = recording(self.plan.record, self.plan.request, response, time.time())
+                recorded = self.engine.traces.record_example(example)
+        finally:  # closed (its hold settled, its trace written) even when recording fails
+            self._close([*response.attempts, response], None, response.decision, recorded)
         if self.shadowed:
             return
-        if self.plan.record is not None:
-            example = recording(self.plan.record, self.plan.request, response, time.time())
-            self.engine.traces.record_example(example)
         self.engine._after_answer(self.plan, response)
 
     def failed(self, exc: ShoalError) -> None:
@@ -533,6 +548,7 @@ class _Tab:
         paid: list[ChatResponse],
         ending: tuple[str, ShoalError | None, str, ChatResponse | None] | None,
         decided: RouteDecision | None = None,
+        recording_id: int | None = None,
     ) -> None:
         if self.closed:
             return
@@ -564,6 +580,8 @@ class _Tab:
             )
 
         records = [_record(a, self.started, now, run_id, step, item, decision, route) for a in paid]
+        if recording_id is not None:
+            records = [r.model_copy(update={"recording_id": recording_id}) for r in records]
         for k, (paid_before, failed) in enumerate(self.stages_failed):
             cost, card = 0.0, self._card(failed.model)
             if card is not None and not failed.before_work:
@@ -585,5 +603,7 @@ class _Tab:
         charged = sum(to_pico(r.cost_usd) for r in records)
         if self.hold is not None:
             self.hold.settle(charged)
+            if self.hold.account.owner is not None:  # an API key's call: traced under its name
+                records = [r.model_copy(update={"key": self.hold.account.owner}) for r in records]
         for record in records:
             engine.traces.record_call(record)

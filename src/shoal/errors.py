@@ -4,13 +4,17 @@
     ├── ConfigError                 a fleet file or setting is invalid (says where)
     │   ├── PipelineError           a pipeline is ill-formed (a cycle, a missing input)
     │   ├── OutcomeTableError       an outcome table is missing, malformed or degenerate
-    │   └── KeysInUseError          another server already serves this keys file (names its pid)
+    │   ├── DataFileError           an app's data file is unreadable or lacks columns (names them)
+    │   ├── KeysInUseError          another server already serves this keys file (names its pid)
+    │   └── DistillationError       the data cannot train a specialist (says what it needs)
+    │       └── TargetNotReachedError   held-out data missed the quality target (nothing installed)
     ├── UnknownModelError           no model with that id (lists the valid ids)
     ├── UnknownRouteError           no route with that name (lists the valid routes)
     ├── UnknownPipelineError        no pipeline with that name (lists the valid ones)
     ├── UnknownRunError             no run with that id (or not the caller's)
     ├── ModelNotInstalledError      a model's weights are missing (names the package / command)
-    ├── WeightsCorruptedError       weights on disk do not match their sha256
+    ├── WeightsCorruptedError       weights on disk do not match their sha256 (or their format)
+    ├── SpecialistStaleError        a specialist's embedder changed since it was trained
     ├── InvalidRequestError         the request cannot be served as asked
     │   ├── ContextWindowExceededError   prompt (+ max_tokens) longer than the context window
     │   ├── MalformedRequestError   the body is not JSON, or not a valid request
@@ -74,8 +78,29 @@ class OutcomeTableError(ConfigError):
     """An outcome table is missing, empty, malformed or too degenerate to route on."""
 
 
+class DataFileError(ConfigError):
+    """A data file an app reads (a city's listings) is missing, unreadable, or not in the
+    layout it expects: the message names the file and what is missing."""
+
+
 class KeysInUseError(ConfigError):
     """Another server already serves this keys file: one server per file keeps its budgets."""
+
+
+class DistillationError(ConfigError):
+    """The data cannot train a specialist: too few examples per class, a single class, no answer
+    that parses, a schema with free-text fields. The message says what it needs."""
+
+
+class TargetNotReachedError(DistillationError):
+    """A trained specialist missed its quality target on held-out data: nothing is installed.
+    `coverage` is the share of held-out calls it could have answered while keeping the target
+    (0 when none); `report` the figures it reached."""
+
+    def __init__(self, message: str, *, coverage: float, report: dict[str, object]) -> None:
+        self.coverage = coverage
+        self.report = report
+        super().__init__(message)
 
 
 class _Unknown(ShoalError):
@@ -125,6 +150,14 @@ class ModelNotInstalledError(ShoalError):
 
 
 class WeightsCorruptedError(ShoalError):
+    bad_input = True
+    before_work = True
+
+
+class SpecialistStaleError(ShoalError):
+    """A specialist was trained on sentence vectors of another embedder than the fleet's now:
+    its answers would be meaningless, so it refuses to serve until it is trained again."""
+
     bad_input = True
     before_work = True
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal.cards import (
     HostPrice,
@@ -29,10 +31,15 @@ from shoal.settings import (
     GGUFModelSpec,
     ModelSpec,
     OpenAIModelSpec,
+    RayPlacement,
+    SpecialistModelSpec,
     default_cache_dir,
     load_fleet,
     parse_fleet,
 )
+
+if TYPE_CHECKING:
+    from shoal.models.embedder import Embedder
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +78,8 @@ class Fleet:
         measured = self._read_measurements()
         self._cards = {spec.id: self._card(spec, measured.get(spec.id)) for spec in specs}
         self._models: dict[str, Model] = {}
+        self._embedder: Embedder | None = None
+        self._embedder_lock = threading.Lock()  # specialists load from worker threads
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> Fleet:
@@ -111,11 +120,17 @@ class Fleet:
         spec = self.spec(model_id)
         if isinstance(spec, OpenAIModelSpec):
             return True
+        if isinstance(spec, SpecialistModelSpec):
+            return spec.path.expanduser().is_file()
         if spec.packaged is not None:
             return spec.packaged.installed()
         return spec.path is not None and spec.path.expanduser().is_file()
 
     def _card(self, spec: ModelSpec, measured: Measured | None) -> ModelCard:
+        if isinstance(spec, SpecialistModelSpec):
+            from shoal.specialists.model import card_for
+
+            return card_for(spec.id, spec.path.expanduser(), self.settings.host_price_per_hour)
         if isinstance(spec, GGUFModelSpec):
             return ModelCard(
                 id=spec.id,
@@ -123,7 +138,11 @@ class Fleet:
                 params=spec.params,
                 context=spec.context,
                 runs="local",
-                where="llama.cpp",
+                where=(
+                    "llama.cpp on ray"
+                    if (spec.backend or self.settings.backend) == "ray"
+                    else "llama.cpp"
+                ),
                 price=HostPrice(per_hour=self.settings.host_price_per_hour),
                 capabilities=frozenset({"stream", "logprobs", "json_schema"}),
                 measured=measured,
@@ -194,6 +213,16 @@ class Fleet:
             self._models[model_id] = self._build(spec)
         return self._models[model_id]
 
+    def placement(self, model_id: str) -> RayPlacement | None:
+        """How a local model runs on Ray (`backend: ray`, its own or the fleet's), or None when
+        it runs in this process."""
+        spec = self.spec(model_id)
+        if not isinstance(spec, GGUFModelSpec):
+            return None
+        if (spec.backend or self.settings.backend) != "ray":
+            return None
+        return spec.ray or self.settings.ray
+
     def gguf_path(self, model_id: str) -> Path:
         """The verified GGUF file of a local model (joining packaged chunks when needed)."""
         spec = self.spec(model_id)
@@ -207,8 +236,24 @@ class Fleet:
             raise ModelNotInstalledError(f"model {model_id!r}: GGUF file {path} does not exist")
         return path
 
+    def embedder(self) -> Embedder:
+        """The sentence embedder specialists read their inputs with (MiniLM, loaded once). One
+        thread: a 22M model gains little from a second, and llama.cpp's second thread spins
+        and stalls whenever another process holds a core (a query then takes a second, not
+        10 ms)."""
+        with self._embedder_lock:
+            if self._embedder is None:
+                from shoal.models.embedder import minilm
+
+                self._embedder = minilm(self.cache_dir, threads=1)
+            return self._embedder
+
     def _build(self, spec: ModelSpec) -> Model:
         card = self._cards[spec.id]
+        if isinstance(spec, SpecialistModelSpec):
+            from shoal.specialists.model import Specialist
+
+            return Specialist(card, spec.path.expanduser(), self.embedder, max_queue=spec.max_queue)
         if isinstance(spec, OpenAIModelSpec):
             from shoal.models.openai_compat import OpenAICompatModel
 
@@ -221,6 +266,20 @@ class Fleet:
                 max_concurrency=spec.max_concurrency,
                 max_queue=spec.max_queue,
                 schema_style=spec.json_schema_style,
+            )
+        placement = self.placement(spec.id)
+        if placement is not None:  # a Ray Serve deployment, deployed on first use
+            from shoal.backends.ray_model import Deployment, RayModel
+
+            return RayModel(
+                Deployment(
+                    card,
+                    self.gguf_path(spec.id),
+                    placement,
+                    threads=spec.threads,
+                    batch=spec.batch,
+                    max_queue=spec.max_queue,
+                )
             )
         from shoal.models.llamacpp import LlamaCppModel
 
@@ -236,3 +295,6 @@ class Fleet:
         for model in self._models.values():
             await model.aclose()
         self._models.clear()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None

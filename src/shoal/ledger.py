@@ -36,6 +36,7 @@ class Account:
     """A budget (`limit_pusd`, None for none), what is spent and what calls in flight hold.
 
     `on_charge(pusd)` is told of every settled charge (the key store writes them to its file).
+    `owner` names whose money it is (an API key), recorded with the traces of its calls.
     """
 
     name: str
@@ -44,6 +45,8 @@ class Account:
     held_pusd: int = 0
     overrun_pusd: int = 0
     on_charge: Callable[[int], None] | None = field(default=None, repr=False)
+    # Who the account belongs to (an API key's name), written on the traces of its calls.
+    owner: str | None = None
 
     @classmethod
     def usd(cls, name: str, limit_usd: float | None) -> Account:

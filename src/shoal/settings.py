@@ -3,6 +3,7 @@
 ```yaml
 host_price_per_hour: 0.09        # prices local models (USD per hour of compute)
 include_default: true            # keep the embedded tiny/small/large fleet
+backend: local                   # GGUF models run in process, or on Ray (docs/scale.md)
 models:
   - id: my-phi                   # a GGUF file on disk
     kind: gguf
@@ -43,6 +44,38 @@ class _Spec(BaseModel):
 _REPLACE = "replace the built-in model of the same id (else reusing its id is an error)"
 
 
+Backend = Literal["local", "ray"]
+
+
+class RayPlacement(_Spec):
+    """How a model runs on a Ray cluster (`backend: ray`): a Ray Serve deployment of replicas,
+    each with llama.cpp inside. A fixed number of `replicas`, or autoscaling between
+    `min_replicas` and `max_replicas` aiming at `target_ongoing_requests` per replica."""
+
+    replicas: int | None = Field(default=None, ge=1, description="fixed count (default 1)")
+    min_replicas: int | None = Field(default=None, ge=0, description="autoscaling floor")
+    max_replicas: int | None = Field(default=None, ge=1, description="autoscaling ceiling")
+    target_ongoing_requests: float = Field(default=2.0, gt=0, description="autoscaling aim")
+    num_cpus: float = Field(
+        default=1.0, gt=0, description="CPUs each replica reserves (fractions allowed)"
+    )
+    max_ongoing_requests: int = Field(default=16, ge=1, description="calls one replica takes")
+    max_queued_requests: int = Field(
+        default=64, ge=1, description="calls that may wait for a replica (more get 503)"
+    )
+
+    @model_validator(mode="after")
+    def _fixed_or_autoscaled(self) -> RayPlacement:
+        autoscaled = self.min_replicas is not None or self.max_replicas is not None
+        if autoscaled and self.replicas is not None:
+            raise ValueError("give either 'replicas' or 'min_replicas'/'max_replicas', not both")
+        if autoscaled and (self.min_replicas is None or self.max_replicas is None):
+            raise ValueError("autoscaling needs both 'min_replicas' and 'max_replicas'")
+        if autoscaled and self.min_replicas > self.max_replicas:  # type: ignore[operator]
+            raise ValueError("min_replicas is more than max_replicas")
+        return self
+
+
 class GGUFModelSpec(_Spec):
     """A GGUF model run in process by llama.cpp: a file path, or weights shipped in packages."""
 
@@ -59,6 +92,8 @@ class GGUFModelSpec(_Spec):
     gen_tok_s: float | None = Field(default=None, gt=0, description="expected generation speed")
     prompt_tok_s: float | None = Field(default=None, gt=0, description="expected prompt speed")
     replace: bool = Field(default=False, description=_REPLACE)
+    backend: Backend | None = Field(default=None, description="where it runs (default: fleet's)")
+    ray: RayPlacement | None = Field(default=None, description="placement (default: fleet's)")
 
     @model_validator(mode="after")
     def _one_source(self) -> GGUFModelSpec:
@@ -93,7 +128,20 @@ class OpenAIModelSpec(_Spec):
         return self.model or self.id
 
 
-ModelSpec = Annotated[GGUFModelSpec | OpenAIModelSpec, Field(discriminator="kind")]
+class SpecialistModelSpec(_Spec):
+    """A specialist written by `shoal distil`: a small model for one task, in one file."""
+
+    kind: Literal["specialist"]
+    id: ModelId
+    path: Path = Field(description="its file (.npz), as `shoal distil` wrote it")
+    teacher: ModelId | None = Field(default=None, description="the model it learned from")
+    max_queue: int = Field(default=64, ge=1, description="calls that may wait for the model")
+    replace: bool = Field(default=False, description=_REPLACE)
+
+
+ModelSpec = Annotated[
+    GGUFModelSpec | OpenAIModelSpec | SpecialistModelSpec, Field(discriminator="kind")
+]
 
 
 # -- routes (built by shoal.routing.config) -------------------------------------------------------
@@ -174,8 +222,45 @@ class PredictiveRouteSpec(_RouteSpec):
     min_quality: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
+class DriftSpec(_Spec):
+    """A specialist route's drift guard: the teacher shadows a share of the specialist's
+    answers (off the request path, within a budget); when their agreement falls below the
+    floor, the route stops using the specialist."""
+
+    share: float = Field(default=0.05, ge=0.0, le=1.0, description="answers checked (0: none)")
+    budget_usd_per_hour: float = Field(default=0.05, ge=0.0, description="spent on checks")
+    max_in_flight: int = Field(default=1, ge=1, description="checks running at once")
+    min_checks: int = Field(default=20, ge=1, description="checks before it may switch off")
+    min_agreement: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="the floor (default: the specialist's own)"
+    )
+
+
+class SpecialistRouteSpec(_RouteSpec):
+    """A specialist answers when its calibrated confidence clears its threshold (calibrated by
+    `shoal distil` to the route's quality target); otherwise the teacher answers."""
+
+    kind: Literal["specialist"]
+    specialist: ModelId
+    teacher: ModelId
+    drift: DriftSpec = DriftSpec()
+
+    @model_validator(mode="after")
+    def _drift_is_its_shadow(self) -> SpecialistRouteSpec:
+        if self.shadow is not None:
+            raise ValueError(
+                "a specialist route's shadow is its drift guard (the teacher): set `drift:` "
+                "instead of `shadow:`"
+            )
+        return self
+
+
 RouteSpec = Annotated[
-    FixedRouteSpec | FallbackRouteSpec | CascadeRouteSpec | PredictiveRouteSpec,
+    FixedRouteSpec
+    | FallbackRouteSpec
+    | CascadeRouteSpec
+    | PredictiveRouteSpec
+    | SpecialistRouteSpec,
     Field(discriminator="kind"),
 ]
 
@@ -186,6 +271,8 @@ class FleetSettings(_Spec):
     cache_dir: Path | None = None
     models: tuple[ModelSpec, ...] = ()
     routes: tuple[RouteSpec, ...] = ()
+    backend: Backend = Field(default="local", description="where local models run: local | ray")
+    ray: RayPlacement = Field(default=RayPlacement(), description="default placement on Ray")
 
     @model_validator(mode="after")
     def _unique_ids(self) -> FleetSettings:

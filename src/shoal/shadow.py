@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shoal.compare import Agreement, Pair, outcome_rows
 from shoal.ledger import Account
+from shoal.messages import ChatResponse
 from shoal.routing.outcomes import RowWriter
 from shoal.settings import ShadowSpec
 
@@ -41,14 +43,21 @@ class Shadow:
         self._rng = rng or random.Random()
         self._window = time.monotonic()
         self.account = Account.usd(f"shadow of {route}", spec.budget_usd_per_hour)
+        # Only the answers of this model are shadowed (None: every answer); each listener is
+        # told of every comparison, as (served answer, candidate's answer): a specialist
+        # route's drift guard listens to the teacher shadowing the specialist.
+        self.only: str | None = None
+        self.listeners: list[Callable[[str, str], None]] = []
 
     @property
     def candidate(self) -> str:
         return self.spec.candidate
 
-    def wants(self) -> bool:
-        """Whether this served answer is one to compare (sampled, within the hour's budget and
-        the calls allowed in flight)."""
+    def wants(self, served: ChatResponse | None = None) -> bool:
+        """Whether this served answer is one to compare (of the model shadowed, sampled, within
+        the hour's budget and the calls allowed in flight)."""
+        if served is not None and self.only is not None and served.model != self.only:
+            return False
         if self._rng.random() >= self.spec.share:
             return False
         now = time.monotonic()
@@ -65,3 +74,5 @@ class Shadow:
         with RowWriter(self.table) as writer:
             for row in outcome_rows(pair, self.candidate):
                 writer.write(row)
+        for listener in self.listeners:
+            listener(pair.recording.answer, pair.answer)

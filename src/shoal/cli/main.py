@@ -147,7 +147,7 @@ def models_bench(
     from shoal.measure import NOISY_SPREAD, STEPS, best_of, should_record
 
     fleet = _fleet(fleet_file)
-    ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local"]
+    ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local" and not c.single_task]
     for model_id in ids:
         _guard(partial(fleet.gguf_path, model_id))
     results: dict[str, tuple[Measured, str]] = {}
@@ -378,6 +378,14 @@ app.add_typer(recordings_app, name="recordings")
 from shoal.cli.replay import replay  # noqa: E402
 
 app.command()(replay)
+
+
+# -- specialists (commands in cli/distil.py) -----------------------------------------------------
+
+from shoal.cli.distil import distil, specialists_app  # noqa: E402
+
+app.command()(distil)
+app.add_typer(specialists_app, name="specialists")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -16,8 +19,10 @@ from shoal.cli.common import run_coroutine as _run
 
 if TYPE_CHECKING:
     from shoal.fleet import Fleet
+    from shoal.routing.calibrate import Calibration
     from shoal.routing.evaluate import Curve
     from shoal.routing.outcomes import OutcomeTable
+    from shoal.routing.predictive import Featurizer
     from shoal.settings import RouteSpec
 
 route_app = typer.Typer(help="Named routes: calibrate, evaluate, explain.", no_args_is_help=True)
@@ -73,7 +78,11 @@ def outcomes_build(
         for part in parts
         for item in part[start : start + block]
     ]
-    ids = model_ids or [c.id for c in fleet.cards() if c.runs == "local" and fleet.installed(c.id)]
+    ids = model_ids or [
+        c.id
+        for c in fleet.cards()
+        if c.runs == "local" and not c.single_task and fleet.installed(c.id)
+    ]
     path = output or fleet.cache_dir / "outcomes" / "local.csv"
 
     def model(model_id: str) -> Model:
@@ -146,23 +155,86 @@ OutcomesOption = Annotated[
     str | None,
     typer.Option(
         "--outcomes",
-        help="Outcome table: a CSV path, or routellm:mmlu, routerbench:TASK, routerdc:TASK.",
+        help="Outcome table: a CSV path, or routellm:mmlu, routellm:mt-bench, routerbench:TASK, "
+        "routerdc:TASK.",
+    ),
+]
+TargetOption = Annotated[
+    float | None,
+    typer.Option(
+        "--target",
+        min=0.01,
+        max=1.0,
+        help="Quality target: this share of the best model's quality (default: the route's, "
+        "else 0.95).",
+    ),
+]
+ModelsOption = Annotated[
+    list[str] | None, typer.Option("--model", "-m", help="Only these models of the table (repeat).")
+]
+CostOption = Annotated[
+    str,
+    typer.Option(
+        "--cost",
+        help="known: each call's cost is known before it (token prices, a fixed-length answer); "
+        "predicted: regressed on the query.",
+    ),
+]
+ZOption = Annotated[
+    float,
+    typer.Option(
+        "--z", min=0.0, help="Margin asked of the target on the train split, in standard errors."
     ),
 ]
 
 
 def _load_table(source: str) -> OutcomeTable:
     from shoal.routing import importers
-    from shoal.routing.outcomes import read_table
 
-    kind, _, task = source.partition(":")
-    if kind == "routellm" and task in ("", "mmlu"):
-        return importers.routellm_mmlu()
-    if kind == "routerbench" and task:
-        return importers.routerbench(task)
-    if kind == "routerdc" and task:
-        return importers.routerdc(task)
-    return read_table(Path(source))
+    return importers.load(source)
+
+
+def _cost_mode(cost: str) -> str:
+    from shoal.errors import ConfigError
+
+    if cost not in ("known", "predicted"):
+        raise ConfigError(f"unknown cost mode {cost!r}; valid: known, predicted")
+    return "known" if cost == "known" else "learned"
+
+
+def _warn(warnings: list[str]) -> None:
+    for w in warnings:
+        err.print(f"[bold red]WARNING:[/] {w}", highlight=False)
+
+
+@contextmanager
+def _embedding_bar(feat: Featurizer) -> Iterator[None]:
+    """A progress bar with an ETA while texts are embedded for the first time."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from shoal.models.embedder import EmbeddingCache
+
+    cache = feat.embedder
+    if not isinstance(cache, EmbeddingCache):
+        yield
+        return
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("embedding new texts (once: cached after)", visible=False)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, visible=True)
+
+        cache.progress = progress
+        try:
+            yield
+        finally:
+            cache.progress = None
 
 
 def _spec(fleet: Fleet, name: str) -> RouteSpec:
@@ -189,26 +261,26 @@ def route_list(fleet_file: FleetOption = None) -> None:
 
 @route_app.command("calibrate")
 def route_calibrate(
-    name: Annotated[str, typer.Argument(help="A predictive route of the fleet file.")],
-    outcomes: Annotated[
-        Path | None, typer.Option("--outcomes", help="Table to fit on (default: the route's).")
-    ] = None,
+    name: Annotated[
+        str, typer.Argument(help="A predictive route of the fleet file, or a predictor kind.")
+    ],
+    outcomes: OutcomesOption = None,
+    target: TargetOption = None,
+    model_ids: ModelsOption = None,
+    cost: CostOption = "predicted",
+    z: ZOption = 1.0,
     seed: Annotated[int, typer.Option(help="The train/test split, when the table has none.")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     fleet_file: FleetOption = None,
 ) -> None:
-    """Fit a route to its target on the table's train split; report it on the test split."""
-    from shoal.errors import ConfigError
-    from shoal.routing.config import calibrate_route
-    from shoal.settings import PredictiveRouteSpec
+    """Fit a route to its target on the table's train split; report it on the test split.
 
+    NAME is a predictive route of the fleet file (saved where the route loads it), or a
+    predictor kind (knn, logistic, mlp, mf, ensemble, cluster) fit on --outcomes over its
+    models or --model (saved in the cache folder; load it with PredictiveRouter.load).
+    """
     fleet = _fleet(fleet_file)
-    spec = _guard(partial(_spec, fleet, name))
-    if not isinstance(spec, PredictiveRouteSpec):
-        problem = ConfigError(f"route {name!r} is a {spec.kind} route: only predictive routes fit")
-        _guard(partial(_fail, problem))
-        return
-    cal = _guard(partial(calibrate_route, spec, fleet, outcomes=outcomes, seed=seed))
+    cal = _guard(partial(_calibrate, fleet, name, outcomes, target, model_ids, cost, z, seed))
     summary = cal.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=float))
@@ -220,7 +292,11 @@ def route_calibrate(
         f"quality {cal.calib_quality:.3f} "
         f"(95% CI {cal.calib_quality_ci[0]:.3f}-{cal.calib_quality_ci[1]:.3f}), "
         f"cost {cal.calib_cost_ratio:.0%} of the best model's, "
-        + ("target met" if cal.met else "[red]target NOT met: routes to the best predicted[/]")
+        + (
+            "target met"
+            if cal.met
+            else f"[red]target NOT met: every query goes to {cal.fallback}[/]"
+        )
     )
     if held is not None:
         out.print(
@@ -230,23 +306,101 @@ def route_calibrate(
             f"cost, {held.best_share:.0%} of calls to it; "
             + ("target met" if held.met else "[red]target NOT met on held-out data[/]")
         )
+    _warn(cal.warnings)
+    out.print(f"  saved: {summary['saved']}", highlight=False)
+
+
+def _calibrate(
+    fleet: Fleet,
+    name: str,
+    outcomes: str | None,
+    target: float | None,
+    model_ids: list[str] | None,
+    cost: str,
+    z: float,
+    seed: int,
+) -> Calibration:
+    import hashlib
+
+    from shoal.errors import ConfigError, UnknownRouteError
+    from shoal.routing.calibrate import Target
+    from shoal.routing.config import calibrate_route, fit_route
+    from shoal.routing.predictive import PREDICTOR_KINDS, minilm_featurizer
+    from shoal.settings import PredictiveRouteSpec
+
+    configured = [s.name for s in fleet.settings.routes]
+    cost_mode = _cost_mode(cost)
+    if name not in configured and name not in PREDICTOR_KINDS:
+        raise UnknownRouteError(name, [*configured, *PREDICTOR_KINDS])
+    feat = minilm_featurizer(fleet.cache_dir)
+    if name in configured:
+        spec = _spec(fleet, name)
+        if not isinstance(spec, PredictiveRouteSpec):
+            raise ConfigError(f"route {name!r} is a {spec.kind} route: only predictive routes fit")
+        if target is not None or model_ids:
+            raise ConfigError(
+                f"route {name!r} states its target and models in the fleet file: "
+                "--target and --model are for a predictor kind"
+            )
+        with _embedding_bar(feat):
+            return calibrate_route(
+                spec,
+                fleet,
+                outcomes=outcomes,
+                seed=seed,
+                featurizer=feat,
+                cost_mode=cost_mode,
+                confidence_z=z,
+            )
+    if outcomes is None:
+        raise ConfigError("give --outcomes (a table path or an importer name)")
+    table = _load_table(outcomes)
+    models = list(model_ids or table.models)
+    goal = Target(quality_ratio=target if target is not None else 0.95)
+    key = json.dumps([outcomes, models, goal.model_dump(), cost_mode, z, seed]).encode()
+    path = fleet.cache_dir / "routes" / f"{name}-{hashlib.sha256(key).hexdigest()[:12]}.npz"
+    with _embedding_bar(feat):
+        cal = fit_route(
+            table,
+            models,
+            name,
+            goal,
+            path,
+            featurizer=feat,
+            cost_mode=cost_mode,
+            seed=seed,
+            confidence_z=z,
+        )
+    cal.extra["outcomes"] = outcomes
+    return cal
 
 
 @route_app.command("eval")
 def route_eval(
     outcomes: OutcomesOption = None,
     route: Annotated[
-        str, typer.Option("--route", help="A route of the fleet file, or a predictor kind.")
-    ] = "ensemble",
-    png: Annotated[
-        Path | None, typer.Option(help="Cost-quality plot (default: next to it).")
+        list[str] | None,
+        typer.Option(
+            "--route",
+            help="A route of the fleet file, a predictor kind, cascade, or KIND+cascade "
+            "(repeat; default: ensemble).",
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="The train/test split, when the table has none.")] = 0,
+    target: TargetOption = None,
+    model_ids: ModelsOption = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", min=1, help="Splits to run (medians and every split).")
+    ] = 1,
+    cost: CostOption = "predicted",
+    z: ZOption = 1.0,
+    png: Annotated[Path | None, typer.Option(help="Cost-quality plot of the first split.")] = None,
+    seed: Annotated[int, typer.Option(help="The first split's seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     fleet_file: FleetOption = None,
 ) -> None:
-    """APGR, CPT(50/80%), cost at 95% of the best model, AIQ: the route against random,
-    always-cheapest, best single model, zero router and oracle, on the held-out split."""
+    """APGR, CPT(50/80%), cost at 95% of the best model, AIQ: each route against random,
+    always-cheapest, best single model, zero router and oracle, on held-out splits; and each
+    route calibrated to the target on the train split only."""
     from shoal.errors import ConfigError
     from shoal.routing import evaluate as ev
 
@@ -254,71 +408,130 @@ def route_eval(
     if outcomes is None:
         _guard(partial(_fail, ConfigError("give --outcomes (a table path or an importer name)")))
         return
+    routes = route or ["ensemble"]
     table = _guard(partial(_load_table, outcomes))
-    result = _guard(partial(_evaluate_route, fleet, table, route, seed))
-    curves, summary, calibrated = result
-    path = png or Path(f"route-eval-{route}.png")
-    marks = [("calibrated", c, q) for c, q in calibrated]
-    test = summary.pop("_test")
-    ev.plot(test, curves, path, title=f"{table.name}: route {route} (held-out split)", marks=marks)
+    run = partial(_evaluate_routes, fleet, table, routes, target, model_ids, seeds, seed, cost, z)
+    summary, first = _guard(run)
+    path = png or Path(f"route-eval-{'-'.join(routes).replace('+', '_')}.png")
+    marks = [
+        (f"{name} calibrated", c["cost_ratio_each"][0], c["quality_ratio_each"][0] * first.q_best)
+        for name, c in summary["calibrated"].items()
+    ]
+    ev.plot(first.test, first.curves, path, title=f"{table.name} (held-out split)", marks=marks)
+    _warn(summary["warnings"])
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=float))
         return
-    out.print(f"{table.name}: {summary['queries']} held-out queries; best model {summary['best']}")
-    out.print(ev.format_table(summary), markup=False, highlight=False)
-    out.print("(costs are fractions of the best model's; CPT = share of calls to it)")
+    out.print(
+        f"{table.name}: {summary['test_queries']} held-out queries in each of "
+        f"{summary['splits']} split(s); best model {summary['best']}"
+    )
+    out.print(ev.format_table({"routes": summary["frontier"]}), markup=False, highlight=False)
+    what = "medians over the splits; " if summary["splits"] > 1 else ""
+    out.print(f"({what}costs are fractions of the best model's; CPT = share of calls to it)")
+    out.print(f"calibrated on train only to {summary['target']}, on the held-out splits:")
+    for name, c in summary["calibrated"].items():
+        falls = [f for f in c["fallback_each"] if f]
+        out.print(
+            f"  {name}: cost {c['cost_ratio_median']:.1%} of the best model's "
+            f"(each: {', '.join(f'{v:.1%}' for v in c['cost_ratio_each'])}), quality "
+            f"{c['quality_ratio_median']:.1%} "
+            f"(each: {', '.join(f'{v:.1%}' for v in c['quality_ratio_each'])}); target met on "
+            f"{c['met_on_test']}/{summary['splits']}"
+            + (f"; fell back to the best model on {len(falls)}" if falls else ""),
+            highlight=False,
+        )
     out.print(f"plot: {path}")
 
 
-def _evaluate_route(
-    fleet: Fleet, table: OutcomeTable, route: str, seed: int
-) -> tuple[list[Curve], dict[str, Any], list[tuple[float, float]]]:
+@dataclass
+class _FirstSplit:
+    test: OutcomeTable
+    curves: list[Curve]
+    q_best: float
+
+
+def _evaluate_routes(
+    fleet: Fleet,
+    table: OutcomeTable,
+    routes: list[str],
+    target: float | None,
+    model_ids: list[str] | None,
+    seeds: int,
+    first_seed: int,
+    cost: str,
+    z: float,
+) -> tuple[dict[str, Any], _FirstSplit]:
     from shoal.errors import UnknownRouteError
     from shoal.routing import evaluate as ev
-    from shoal.routing.calibrate import Target, calibrate_cascade, calibrate_predictive
-    from shoal.routing.predictive import minilm_featurizer
+    from shoal.routing.calibrate import Target
+    from shoal.routing.experiment import Experiment, split_indices, summarise
+    from shoal.routing.predictive import PREDICTOR_KINDS, minilm_featurizer
     from shoal.settings import CascadeRouteSpec, PredictiveRouteSpec
 
-    kinds = ("knn", "logistic", "mlp", "mf", "ensemble")
     configured = [s.name for s in fleet.settings.routes]
-    if route not in kinds and route not in configured:
-        raise UnknownRouteError(route, [*configured, *kinds])
-    spec = None if route in kinds else _spec(fleet, route)
-    if spec is not None and hasattr(spec, "models"):
-        table = table.select_models(list(spec.models))
-    table.check_routable()
-    if {"train", "test"} <= set(table.splits):
-        train, test = table.split("train"), table.split("test")
-    else:
-        train, test = table.random_split(0.5, seed=seed)
-    ref = ev.Reference.of(test)
-    curves: list[Curve] = []
-    marks: list[tuple[float, float]] = []
-    if isinstance(spec, CascadeRouteSpec):
-        order = [table.models.index(m) for m in spec.models]
-        curves.append(ev.cascade_curve(test, order, f"{route} (cascade)"))
-        cal = calibrate_cascade(train, order, Target(quality_ratio=0.95), test=test)
-    else:
-        kind = spec.predictor if isinstance(spec, PredictiveRouteSpec) else route
-        target = (
-            Target.model_validate(spec.target.model_dump())
-            if isinstance(spec, PredictiveRouteSpec)
-            else Target(quality_ratio=0.95)
-        )
-        feat = minilm_featurizer(fleet.cache_dir)
-        fit = calibrate_predictive(
-            train, feat(train.prompts), target, kind=kind, test=test, x_test=feat(test.prompts)
-        )
-        cal = fit.calibration
-        assert cal.test_curve is not None
-        cal.test_curve.label = route
-        curves.append(cal.test_curve)
-    if cal.heldout is not None:
-        marks.append((cal.heldout.cost / ref.c_best, cal.heldout.quality))
-    summary = ev.evaluate(test, curves)
-    summary["calibrated"] = cal.summary()
-    summary["_test"] = test
-    return curves, summary, marks
+    kinds = [*PREDICTOR_KINDS, "cascade", *(f"{k}+cascade" for k in PREDICTOR_KINDS)]
+    kinds_of: dict[str, str] = {}  # the experiment's route -> the name shown
+    orders: dict[str, list[str]] = {}
+    models = list(model_ids or table.models)
+    goal = None if target is None else Target(quality_ratio=target)
+    for name in routes:
+        if name in kinds:
+            kinds_of[name] = name
+            continue
+        if name not in configured:
+            raise UnknownRouteError(name, [*configured, *kinds])
+        spec = _spec(fleet, name)
+        if isinstance(spec, PredictiveRouteSpec):
+            kinds_of[spec.predictor] = f"{name} ({spec.predictor})"
+            models = list(spec.models)
+            goal = goal or Target.model_validate(spec.target.model_dump())
+        elif isinstance(spec, CascadeRouteSpec):
+            orders[name] = list(spec.models)
+            models = list(spec.models)
+        else:
+            raise UnknownRouteError(name, [*(s for s in configured), *kinds])
+    table = table.select_models(models)
+    goal = goal or Target(quality_ratio=0.95)
+    feat = minilm_featurizer(fleet.cache_dir)
+
+    def features(texts: Any) -> Any:
+        with _embedding_bar(feat):
+            return feat(texts)
+
+    def embed_answers(texts: Any) -> Any:
+        with _embedding_bar(feat):
+            return feat.embedder.embed(texts)
+
+    exp = Experiment(
+        table,
+        features,
+        routes=list(kinds_of),
+        target=goal,
+        cost_mode=_cost_mode(cost),
+        embed_answers=embed_answers,
+        confidence_z=z,
+        confidence_cascades=orders,
+    )
+    splits = split_indices(table, range(first_seed, first_seed + seeds))
+    results = [exp.run(*s) for s in splits]
+    for r in results:
+        for old, new in kinds_of.items():
+            for part in (r.metrics, r.calibrated):
+                if old in part:
+                    part[new] = part.pop(old)
+            for c in r.curves:
+                c.label = kinds_of.get(c.label, c.label)
+    summary = summarise(results, table.name)
+    ref = ev.Reference.of(results[0].test)
+    summary.update(
+        {
+            "target": goal.describe(),
+            "best": table.models[ref.best],
+            "test_queries": len(results[0].test),
+        }
+    )
+    return summary, _FirstSplit(results[0].test, results[0].curves, ref.q_best)
 
 
 @route_app.command("explain")

@@ -153,7 +153,9 @@ def run_pipeline(
     except ShoalError as exc:
         raise fail(exc) from None
     if as_json:
-        typer.echo(json.dumps(result.model_dump(mode="json", exclude={"values"}), indent=2))
+        # A run that did not end ok keeps its sub-results (the steps' values) in the JSON too.
+        hidden = {"values"} if result.status == "ok" else set()
+        typer.echo(json.dumps(result.model_dump(mode="json", exclude=hidden), indent=2))
     else:
         (render or _render_output)(result)
         print_status(result)
@@ -162,11 +164,41 @@ def run_pipeline(
 
 
 def _render_output(result: RunResult) -> None:
-    output = result.model_dump(mode="json", include={"output"}).get("output")
-    if isinstance(output, str):
-        out.print(output, markup=False, highlight=False)
-    elif output is not None:
-        typer.echo(json.dumps(output, indent=2))
+    """The output. A run that did not end ok shows every sub-result that is complete (each step
+    that finished, by name, in order), the output if it has one, and what was cut and why."""
+    if result.status == "ok":
+        _print_value(result.output)
+        return
+    done = [n for n, step in result.steps.items() if step.status == "ok" and n in result.values]
+    for name in done:
+        out.print(f"[bold]{name}[/] (complete):", highlight=False)
+        _print_value(result.values[name])
+    if result.output is not None and all(result.values[n] != result.output for n in done):
+        out.print("[bold]output[/] (with gaps):", highlight=False)
+        _print_value(result.output)
+    if not done and result.output is None:
+        out.print("[yellow]no step finished[/]", highlight=False)
+    print_cuts(result)
+
+
+def _print_value(value: Any) -> None:
+    if isinstance(value, str):
+        out.print(value, markup=False, highlight=False)
+    elif value is not None:
+        typer.echo(json.dumps(value, indent=2))
+
+
+def print_cuts(result: RunResult) -> None:
+    """Each step that did not finish, or finished with gaps, and why, on standard error."""
+    for name, step in result.steps.items():
+        if step.status == "ok":
+            continue
+        why = step.error or "; ".join(step.degraded) or "not started"
+        if step.status == "partial" and step.items_failed:
+            why = f"{step.items_failed} of {step.items} item(s) failed; the last: {why}"
+        elif step.skipped_for_time:
+            why = "; ".join(step.degraded) or "skipped: too little time left"
+        err.print(f"[yellow]cut: {name} ({why})[/]", highlight=False)
 
 
 def print_status(result: RunResult) -> None:

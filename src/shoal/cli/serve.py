@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import signal
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,9 @@ from shoal.cli.common import FleetOption, err, out, usd
 from shoal.errors import ConfigError, ShoalError
 
 if TYPE_CHECKING:
+    from shoal.fleet import Fleet
     from shoal.server.keys import KeyRecord
+    from shoal.settings import ServerSettings
 
 keys_app = typer.Typer(
     help="API keys of the server: budgets and rate limits.", no_args_is_help=True
@@ -100,6 +103,16 @@ def serve(
             "pipelines list`) or a YAML file; repeatable. None by default.",
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Serve on a Ray cluster (the shoal[ray] extra): 'auto' joins the cluster of "
+            "this node (`ray start`), an ADDRESS the one whose head is there, 'local' starts "
+            "one for this server. Gateway replicas behind Serve's proxy share one key ledger.",
+        ),
+    ] = None,
+    replicas: Annotated[int, typer.Option(min=1, help="Gateway replicas on Ray (with --ray).")] = 2,
 ) -> None:
     """Serve the fleet (and its routes) over an OpenAI-compatible HTTP API, and the pipelines
     named with --pipeline."""
@@ -133,6 +146,9 @@ def serve(
         return
     fleet = _fleet(fleet_file)
     trace_path = traces or fleet.cache_dir / TRACES_FILE
+    if ray is not None:
+        _guard(lambda: serve_on_ray(fleet, settings, ray, replicas=replicas, traces=trace_path))
+        return
     # Trace rows are committed just after each response, not before it.
     engine = _guard(lambda: Engine(fleet, traces=DeferredTraceStore(trace_path)))
     try:  # a second server on the same keys file stops here (KeysInUseError)
@@ -167,6 +183,45 @@ def serve(
     )
 
 
+def serve_on_ray(
+    fleet: Fleet, settings: ServerSettings, address: str, *, replicas: int, traces: Path
+) -> None:
+    """`shoal serve --ray`: the gateway as a Ray Serve ingress of `replicas` replicas, behind
+    Serve's proxy on the settings' host and port, until interrupted."""
+    if settings.tls_cert is not None:
+        raise ConfigError(
+            "--tls-cert with --ray: Serve's proxy speaks plain HTTP; put a TLS proxy in front"
+        )
+    from shoal.backends.ray_cluster import connect, import_ray, start_serve
+    from shoal.server.ray_gateway import run_gateway
+
+    connect(None if address == "local" else address)
+    # Stopped by a service manager (SIGTERM) as by Ctrl-C: what was started here is removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+    ray = import_ray()
+    from ray import serve
+
+    gateway = None
+    try:
+        start_serve(settings.host, settings.port)
+        gateway = run_gateway(fleet.settings, settings, replicas=replicas, trace_path=traces)
+        where = f"http://{settings.host}:{settings.port}/v1"
+        err.print(f"shoal: {replicas} gateway replicas on Ray at {where}", highlight=False)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _raise(exc: Exception) -> None:
     raise exc
 
@@ -191,6 +246,9 @@ def keys_create(
     rpm: Annotated[
         int | None, typer.Option(min=1, help="Requests per minute (default: any).")
     ] = None,
+    admin: Annotated[
+        bool, typer.Option("--admin", help="The key also signs in to the dashboard (/ui).")
+    ] = False,
     keys: KeysOption = None,
     fleet_file: FleetOption = None,
 ) -> None:
@@ -199,7 +257,7 @@ def keys_create(
 
     store = KeyStore(_keys_path(keys, fleet_file))
     try:
-        key, record = store.create(name, budget_usd=budget, rpm=rpm)
+        key, record = store.create(name, budget_usd=budget, rpm=rpm, admin=admin)
     except ValueError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
@@ -208,6 +266,7 @@ def keys_create(
     typer.echo(key)
     limits = f"budget ${budget:g}" if budget is not None else "no budget"
     limits += f", {rpm} requests/min" if rpm is not None else ", no rate limit"
+    limits += ", admin (signs in to /ui)" if admin else ""
     err.print(
         f"key {record.name!r} ({record.id}): {limits}; it is not shown again", highlight=False
     )
@@ -222,7 +281,7 @@ def keys_list(
     fleet_file: FleetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Every key: name, budget, spent, requests, rate limit (never the key)."""
+    """Every key: name, budget, spent, requests, rate limit, admin (never the key)."""
     from shoal.server.keys import KeyStore
 
     store = KeyStore(_keys_path(keys, fleet_file))
@@ -250,6 +309,7 @@ def keys_list(
             paid,
             str(r.requests),
             "-" if r.rpm is None else str(r.rpm),
+            "yes" if r.admin else "-",
             time.strftime("%Y-%m-%d %H:%M", time.localtime(r.created_at)),
         )
         for r, budget, paid in zip(records, budgets, spent, strict=True)
@@ -259,6 +319,7 @@ def keys_list(
         figure("spent", spent),
         figure("requests", [row[5] for row in rows]),
         figure("rpm", [row[6] for row in rows]),
+        figure("admin", [row[7] for row in rows]),
     ]
     texts = [Column(header, overflow="fold") for header in ("name", "id", "key", "created")]
     table = Table(*texts[:3], *figures, texts[3])
@@ -294,6 +355,7 @@ def _key_json(record: KeyRecord) -> dict[str, object]:
         "requests": record.requests,
         "rpm": record.rpm,
         "revoked": record.revoked,
+        "admin": record.admin,
         "created_at": created,
     }
 

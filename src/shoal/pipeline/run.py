@@ -372,7 +372,11 @@ class _Run:
                 if step.map_over is not None:
                     call_args.pop(step.map_over, None)
                     call_args["item"] = item
-                if inspect.iscoroutinefunction(step.fn):
+                if step.executor == "ray":
+                    from shoal.backends.ray_tasks import run_task
+
+                    value = await run_task(step.fn, call_args)
+                elif inspect.iscoroutinefunction(step.fn):
                     value = await step.fn(**call_args)
                 else:  # plain Python may block (files, CPU): keep the event loop free
                     value = await asyncio.to_thread(step.fn, **call_args)

@@ -59,6 +59,7 @@ class PythonStepSpec(_Spec):
     inputs: tuple[str, ...] = ()
     map_over: str | None = None
     optional: bool = False
+    executor: Literal["local", "ray"] = "local"
 
 
 class PipelineSpec(_Spec):
@@ -119,6 +120,7 @@ def to_spec(pipeline: Pipeline) -> PipelineSpec:
                     inputs=step.inputs,
                     map_over=step.map_over,
                     optional=step.optional,
+                    executor=step.executor,
                 )
             )
     return PipelineSpec(
@@ -143,7 +145,12 @@ def from_spec(spec: PipelineSpec) -> Pipeline:
                 raise PipelineError(f"step {s.name!r}: {s.fn!r} is not callable")
             steps.append(
                 PythonStep(
-                    name=s.name, fn=fn, inputs=s.inputs, map_over=s.map_over, optional=s.optional
+                    name=s.name,
+                    fn=fn,
+                    inputs=s.inputs,
+                    map_over=s.map_over,
+                    optional=s.optional,
+                    executor=s.executor,
                 )
             )
     return Pipeline(spec.name, inputs=spec.inputs, steps=steps, output=spec.output)

@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 
@@ -38,7 +38,12 @@ from shoal.messages import (
     Usage,
 )
 from shoal.models.base import Model, collect, events
-from shoal.traces.store import CallRecord
+from shoal.traces.store import CallRecord, TraceStore
+
+if TYPE_CHECKING:
+    from shoal.calls import CallPlan
+    from shoal.ledger import Hold
+    from shoal.settings import ShadowSpec
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +158,37 @@ class Router(ABC):
 LiveSpeed = Callable[[str], Speed | None]
 
 
+class Watch(Protocol):
+    """A shadow of a route, as the route sees it: the model whose answers it samples (None:
+    every answer), and who is told of each comparison (served answer, candidate's answer)."""
+
+    only: str | None
+    listeners: list[Callable[[str, str], None]]
+
+
+class Caller(Protocol):
+    """What serves a route (the engine): how a route makes a call of its own, planned, charged
+    and traced like any other, or has a candidate shadow its answers off the request path."""
+
+    traces: TraceStore
+
+    def shadow(self, route: str, spec: ShadowSpec) -> Watch: ...
+
+    async def plan(
+        self, name: str, request: ChatRequest, *, record: str | None = None
+    ) -> CallPlan: ...
+
+    async def execute(
+        self,
+        plan: CallPlan,
+        *,
+        hold: Hold | None = None,
+        run_id: str | None = None,
+        step: str | None = None,
+        item: str | None = None,
+    ) -> ChatResponse: ...
+
+
 def _unknown(model: str) -> Speed | None:
     return None
 
@@ -196,6 +232,12 @@ class RoutedModel(Model):
 
     def update_stats(self, stats: RouteStats) -> None:
         self.stats.update(stats)
+
+    def bind(self, caller: Caller) -> None:
+        """Told of what serves this route (the engine). A route that makes calls of its own, off
+        the request path (a specialist route's drift guard has the teacher shadow it), makes
+        them through it; most make none."""
+        del caller
 
     def decide(self, request: ChatRequest, live: LiveSpeed = _unknown) -> RouteDecision:
         """The route's choice for `request`: made once per call (`Engine.plan`), then run.

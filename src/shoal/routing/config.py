@@ -3,7 +3,7 @@
 ```yaml
 routes:
   - name: answer                 # a name, never parameters: the target lives below
-    kind: predictive             # fixed | fallback | cascade | predictive
+    kind: predictive             # fixed | fallback | cascade | predictive | specialist
     models: [smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b]
     target: {quality_ratio: 0.95}
     deadline_s: 10               # optional latency SLO (p95)
@@ -37,15 +37,18 @@ from shoal.routing import predictive
 from shoal.routing.base import RoutedModel, Router, RouteStats, trace_stats
 from shoal.routing.calibrate import Calibration, Target, calibrate_predictive
 from shoal.routing.cascade import AgreementSignal, CascadeRouter, LogprobSignal
-from shoal.routing.outcomes import read_table
+from shoal.routing.importers import load as load_table
+from shoal.routing.outcomes import OutcomeTable
 from shoal.routing.policies import FallbackRouter, FixedRouter, LatencySLORouter
 from shoal.routing.predictive import Featurizer, PredictiveRouter
+from shoal.routing.report import write_report
 from shoal.settings import (
     CascadeRouteSpec,
     FallbackRouteSpec,
     FixedRouteSpec,
     PredictiveRouteSpec,
     RouteSpec,
+    SpecialistRouteSpec,
 )
 from shoal.traces.store import TraceStore
 
@@ -119,6 +122,12 @@ def make_router(spec: RouteSpec, fleet: Fleet) -> tuple[Router, list[str]]:
         models = list(spec.models)
         signal = LogprobSignal() if spec.signal == "logprob" else AgreementSignal()
         router = CascadeRouter(spec.models, signal, spec.threshold)
+    elif isinstance(spec, SpecialistRouteSpec):
+        from shoal.routing.specialist import specialist_router
+
+        models = [spec.specialist, spec.teacher]
+        _check_models(models, fleet, spec.name)
+        router = specialist_router(spec, fleet)
     else:
         models = list(spec.models)
         router = CalibratedRouter(spec, fleet.cache_dir)
@@ -133,6 +142,15 @@ def build_route(spec: RouteSpec, fleet: Fleet, *, traces: TraceStore | None = No
     from recorded calls when a trace store is given."""
     router, models = make_router(spec, fleet)
     stats = trace_stats(traces.calls(limit=20_000)) if traces is not None else {}
+    if isinstance(spec, SpecialistRouteSpec):
+        from shoal.routing.specialist import SpecialistRoute
+
+        return SpecialistRoute(
+            spec.name,
+            router,
+            [fleet.model(m) for m in models],
+            stats={m: s for m, s in stats.items() if m in models},
+        )
     return RoutedModel(
         spec.name,
         router,
@@ -145,49 +163,89 @@ def calibrate_route(
     spec: PredictiveRouteSpec,
     fleet: Fleet,
     *,
-    outcomes: Path | None = None,
+    outcomes: Path | str | None = None,
     seed: int = 0,
     featurizer: Featurizer | None = None,
+    cost_mode: str = "learned",
+    confidence_z: float = 1.0,
 ) -> Calibration:
-    """Fit a predictive route on the table's train split, check it on the test split, save it.
+    """Fit a predictive route on the table's train split, check it on the test split, save it
+    where the route loads it from (`extra["saved"]`).
+
+    `outcomes`: a table file or an importer name (`routerbench:arc_challenge`, ...).
+    """
+    source = outcomes or spec.outcomes or default_outcomes(fleet.cache_dir)
+    target = Target.model_validate(spec.target.model_dump())
+    cal = fit_route(
+        load_table(source),
+        list(spec.models),
+        spec.predictor,
+        target,
+        route_state_path(spec, fleet.cache_dir),
+        featurizer=featurizer or predictive.minilm_featurizer(fleet.cache_dir),
+        cost_mode=cost_mode,
+        seed=seed,
+        min_quality=spec.min_quality,
+        confidence_z=confidence_z,
+    )
+    cal.extra["outcomes"] = str(source)
+    return cal
+
+
+def fit_route(
+    table: OutcomeTable,
+    models: Sequence[str],
+    kind: str,
+    target: Target,
+    save_to: Path,
+    *,
+    featurizer: Featurizer,
+    cost_mode: str = "learned",
+    seed: int = 0,
+    min_quality: float | None = None,
+    confidence_z: float = 1.0,
+) -> Calibration:
+    """Calibrate a predictive route of `kind` over `models` on `table` and save it to `save_to`
+    (load it with `PredictiveRouter.load`).
 
     Splits: the table's own `split` column when it has train and test rows, else a seeded
-    50/50 split by query.
+    50/50 split by query. `confidence_z`: the margin asked of the target (`pick_confident`).
     """
-    path = outcomes or spec.outcomes or default_outcomes(fleet.cache_dir)
-    table = read_table(path).select_models(list(spec.models))
+    table = table.select_models(list(models))
     table.check_routable()
     if {"train", "test"} <= set(table.splits):
         train, test = table.split("train"), table.split("test")
     else:
         train, test = table.random_split(0.5, seed=seed)
-    feat = featurizer or predictive.minilm_featurizer(fleet.cache_dir)
-    target = Target.model_validate(spec.target.model_dump())
     fit = calibrate_predictive(
         train,
-        feat(train.prompts),
+        featurizer(train.prompts),
         target,
-        kind=spec.predictor,
-        cost_mode="learned",
+        kind=kind,
+        cost_mode=cost_mode,
         test=test,
-        x_test=feat(test.prompts),
+        x_test=featurizer(test.prompts),
         seed=seed,
+        confidence_z=confidence_z,
     )
     router = PredictiveRouter(
-        list(spec.models),
-        feat,
+        list(models),
+        featurizer,
         fit.predictor,
         lam=fit.lam,
         ref_cost=fit.ref_cost,
+        cost_mode="known" if cost_mode == "known" else "learned",
         cost_regressor=fit.cost_regressor,
-        min_quality=spec.min_quality,
+        min_quality=min_quality,
         target=target.describe(),
         target_met=fit.calibration.met,
+        fallback=None if fit.fallback is None else train.models[fit.fallback],
     )
-    router.save(route_state_path(spec, fleet.cache_dir))
+    router.save(save_to)
     fit.calibration.extra.update(
-        {"outcomes": str(path), "train_queries": len(train), "test_queries": len(test)}
+        {"saved": str(save_to), "train_queries": len(train), "test_queries": len(test)}
     )
+    write_report(save_to, fit.calibration, test)  # for the dashboard's routes page
     return fit.calibration
 
 

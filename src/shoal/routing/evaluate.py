@@ -3,10 +3,13 @@
 A route evaluated offline is a set of *points*, one per setting (e.g. per cost weight λ): the
 mean cost per query and mean quality it reaches on the table. From the points:
 
+- Two neighbouring settings can be mixed (each query to one or the other at random), which
+  reaches every point of the segment between them: every figure below reads the upper convex
+  hull of the points, the same curve the plot draws.
 - PGR(c): (quality reachable at cost ≤ c - cheapest model's quality) / (best - cheapest);
   APGR is its mean over the cost range from the cheapest to the best single model.
-- CPT(x%): the share of calls going to the best model at the cheapest setting reaching x% PGR.
-- cost at 95%: the cheapest setting whose quality is ≥ 95% of the best single model's, as a
+- CPT(x%): the share of calls going to the best model at the cheapest mix reaching x% PGR.
+- cost at 95%: the cheapest mix whose quality is ≥ 95% of the best single model's, as a
   fraction of that model's cost (None when no setting gets there).
 - AIQ: the area under the non-decreasing upper convex hull of the points over the cost range
   spanned by the single models, divided by that range (RouterBench's metric). Mixing single
@@ -136,6 +139,22 @@ def cascade_choices(
     return cost, score, final
 
 
+def preroute_cascade_choices(
+    table: OutcomeTable, pick: npt.NDArray[np.intp], threshold: float, last: int
+) -> tuple[Array, Array, npt.NDArray[np.intp]]:
+    """A pre-routed cascade: each query's pre-routed model answers first; unless that is `last`
+    or the answer's confidence (`table.confidence[:, pick]`) reaches `threshold`, `last`
+    answers too. Per query: (cost paid, final score, final model)."""
+    if table.confidence is None:
+        raise ValueError("the table has no confidence column; a cascade cannot be simulated")
+    rows = np.arange(len(table))
+    conf = np.nan_to_num(table.confidence[rows, pick], nan=0.0)
+    escalate = (pick != last) & (conf < threshold)
+    final = np.where(escalate, last, pick).astype(np.intp)
+    cost = table.costs[rows, pick] + np.where(escalate, table.costs[:, last], 0.0)
+    return cost, table.scores[rows, final], final
+
+
 def cascade_curve(
     table: OutcomeTable, order: Sequence[int], label: str, thresholds: Sequence[float] | None = None
 ) -> Curve:
@@ -189,61 +208,78 @@ def oracle_point(table: OutcomeTable) -> Curve:
 # -- metrics -------------------------------------------------------------------------------------
 
 
-def upper_hull(cost: Array, quality: Array) -> tuple[Array, Array]:
-    """The non-decreasing upper convex hull of points (cost, quality), sorted by cost."""
+def hull_index(cost: Array, quality: Array) -> npt.NDArray[np.intp]:
+    """Indices of the points on the non-decreasing upper convex hull, sorted by cost."""
     idx = np.lexsort((-quality, cost))
-    pts: list[tuple[float, float]] = []
-    for c, q in zip(cost[idx], quality[idx], strict=True):
-        if pts and q <= pts[-1][1]:
+    keep: list[int] = []
+    for i in idx:
+        c, q = float(cost[i]), float(quality[i])
+        if keep and q <= quality[keep[-1]]:
             continue  # dominated: costs more, no better
-        while len(pts) >= 2:
-            (c1, q1), (c2, q2) = pts[-2], pts[-1]
+        while len(keep) >= 2:
+            c1, q1 = float(cost[keep[-2]]), float(quality[keep[-2]])
+            c2, q2 = float(cost[keep[-1]]), float(quality[keep[-1]])
             if (q2 - q1) * (c - c1) <= (q - q1) * (c2 - c1):
-                pts.pop()
+                keep.pop()
             else:
                 break
-        pts.append((float(c), float(q)))
-    arr = np.array(pts)
-    return arr[:, 0], arr[:, 1]
+        keep.append(int(i))
+    return np.asarray(keep, dtype=np.intp)
+
+
+def upper_hull(cost: Array, quality: Array) -> tuple[Array, Array]:
+    """The non-decreasing upper convex hull of points (cost, quality), sorted by cost."""
+    keep = hull_index(cost, quality)
+    return np.asarray(cost[keep], np.float64), np.asarray(quality[keep], np.float64)
 
 
 def _hull_at(hc: Array, hq: Array, c: Array) -> Array:
     return np.asarray(np.interp(c, hc, hq, left=hq[0], right=hq[-1]), dtype=np.float64)
 
 
-def _step_at(curve: Curve, c: Array, floor: float) -> Array:
-    """Best quality reached at cost ≤ c by the curve's own settings."""
-    out = np.full(c.shape, floor)
-    for cc, qq in zip(curve.cost, curve.quality, strict=True):
-        out = np.where(c >= cc - 1e-15, np.maximum(out, qq), out)
-    return out
+def _reach(curve: Curve, need: float) -> tuple[float, float] | None:
+    """(cost, best-model share) of the cheapest mix of two neighbouring settings on the curve's
+    hull whose quality is `need` (None when no setting reaches it). The plot draws this hull."""
+    keep = hull_index(curve.cost, curve.quality)
+    hc, hq, hs = curve.cost[keep], curve.quality[keep], curve.best_share[keep]
+    if hq[-1] < need - 1e-12:
+        return None
+    if hq[0] >= need - 1e-12:
+        return float(hc[0]), float(hs[0])
+    i = int(np.searchsorted(hq, need - 1e-12))  # hq rises along the hull
+    t = (need - hq[i - 1]) / (hq[i] - hq[i - 1])
+    return float(hc[i - 1] + t * (hc[i] - hc[i - 1])), float(hs[i - 1] + t * (hs[i] - hs[i - 1]))
 
 
 def aiq(curve: Curve, ref: Reference) -> float:
     hc, hq = upper_hull(curve.cost, curve.quality)
+    if ref.c_hi <= ref.c_lo:
+        return float("nan")  # every model costs the same: no cost range to integrate over
     grid = np.linspace(ref.c_lo, ref.c_hi, 2001)
     return float(np.trapezoid(_hull_at(hc, hq, grid), grid) / (ref.c_hi - ref.c_lo))
 
 
 def apgr(curve: Curve, ref: Reference) -> float:
-    if ref.q_best <= ref.q_cheap:
+    """Mean PGR over the cheapest-to-best cost range, mixing neighbouring settings (the hull)."""
+    if ref.q_best <= ref.q_cheap or ref.c_best <= ref.c_cheap:
         return float("nan")
+    hc, hq = upper_hull(curve.cost, curve.quality)
     grid = np.linspace(ref.c_cheap, ref.c_best, 2001)
-    q = _step_at(curve, grid, ref.q_cheap)
+    q = np.where(grid >= hc[0] - 1e-15, _hull_at(hc, hq, grid), ref.q_cheap)
+    q = np.maximum(q, ref.q_cheap)
     return float(np.mean((q - ref.q_cheap) / (ref.q_best - ref.q_cheap)))
 
 
 def cpt(curve: Curve, ref: Reference, pgr: float) -> float | None:
-    """Share of calls to the best model at the cheapest setting reaching `pgr` PGR."""
-    need = ref.q_cheap + pgr * (ref.q_best - ref.q_cheap)
-    ok = curve.quality >= need - 1e-12
-    return float(curve.best_share[ok].min()) if ok.any() else None
+    """Share of calls to the best model at the cheapest mix of settings reaching `pgr` PGR."""
+    got = _reach(curve, ref.q_cheap + pgr * (ref.q_best - ref.q_cheap))
+    return None if got is None else got[1]
 
 
 def cost_at(curve: Curve, ref: Reference, ratio: float = 0.95) -> float | None:
-    """Cheapest setting with quality ≥ ratio x best model's, as a fraction of its cost."""
-    ok = curve.quality >= ratio * ref.q_best - 1e-12
-    return float(curve.cost[ok].min() / ref.c_best) if ok.any() else None
+    """Cheapest mix of settings with quality ≥ ratio x best model's, as a fraction of its cost."""
+    got = _reach(curve, ratio * ref.q_best)
+    return None if got is None else got[0] / ref.c_best
 
 
 def metrics(curve: Curve, ref: Reference) -> dict[str, float | None]:
@@ -261,14 +297,12 @@ def metrics(curve: Curve, ref: Reference) -> dict[str, float | None]:
 def baseline_curves(table: OutcomeTable) -> dict[str, Curve]:
     singles = single_points(table)
     ref = Reference.of(table)
-    hc, hq = upper_hull(singles.cost, singles.quality)
-    zc = np.linspace(hc[0], hc[-1], 41)  # mixing two neighbours on the hull reaches every cost
-    zq = np.interp(zc, hc, hq)
+    keep = hull_index(singles.cost, singles.quality)  # mixing two neighbours reaches every cost
     cheapest = Curve(
         "always cheapest", np.array([ref.c_cheap]), np.array([ref.q_cheap]), np.array([0.0])
     )
     best = Curve("best single", np.array([ref.c_best]), np.array([ref.q_best]), np.array([1.0]))
-    zero = Curve("zero router", zc, zq, np.zeros_like(zc))
+    zero = Curve("zero router", singles.cost[keep], singles.quality[keep], singles.best_share[keep])
     return {
         "random": random_curve(table),
         "always cheapest": cheapest,

@@ -7,8 +7,9 @@ a CSV file (optionally gzipped), one row per query and model:
 
 `score` is the quality in [0, 1] (1 = correct); `split` (train | test | any label) fixes which
 queries may be used for fitting; `group` is a coarse label (dataset or subject); `confidence` is
-the model's own confidence in its answer (e.g. the probability of its first token), which a
-cascade can use. A first line `# shoal-outcomes v1` names the format version.
+the model's own confidence in its answer (e.g. the probability of its first token), and
+`answer` the answer itself (text or extracted): what a cascade's scorer reads. A first line
+`# shoal-outcomes v1` names the format version.
 
 In memory an `OutcomeTable` is wide: one row per query, one column per model, so that routers
 and metrics work on numpy arrays.
@@ -87,6 +88,7 @@ class OutcomeTable:
     groups: list[str] = field(default_factory=list)
     confidence: Matrix | None = None
     name: str = ""
+    answers: list[list[str]] | None = None  # answers[i][j]: model j's answer to query i
 
     def __post_init__(self) -> None:
         n, m = len(self.query_ids), len(self.models)
@@ -110,6 +112,10 @@ class OutcomeTable:
             raise OutcomeTableError(f"scores in the outcome table{where} must lie in [0, 1]")
         if (self.costs < 0).any():
             raise OutcomeTableError(f"costs in the outcome table{where} must not be negative")
+        if self.answers is not None and (
+            len(self.answers) != n or any(len(a) != m for a in self.answers)
+        ):
+            raise OutcomeTableError(f"the answers of the outcome table{where} are not {n} x {m}")
 
     # -- shape -----------------------------------------------------------------------------------
 
@@ -137,6 +143,7 @@ class OutcomeTable:
             groups=[self.groups[i] for i in idx],
             confidence=None if self.confidence is None else self.confidence[idx],
             name=self.name,
+            answers=None if self.answers is None else [self.answers[i] for i in idx],
         )
 
     def select_models(self, models: Sequence[str]) -> OutcomeTable:
@@ -152,6 +159,7 @@ class OutcomeTable:
             groups=list(self.groups),
             confidence=None if self.confidence is None else self.confidence[:, cols],
             name=self.name,
+            answers=None if self.answers is None else [[a[j] for j in cols] for a in self.answers],
         )
 
     def split(self, name: str) -> OutcomeTable:
@@ -216,6 +224,7 @@ class OutcomeTable:
                     split=self.splits[i],
                     group=self.groups[i],
                     confidence=None if conf is None or math.isnan(conf) else conf,
+                    answer="" if self.answers is None else self.answers[i][j],
                 )
 
     @classmethod
@@ -238,12 +247,14 @@ class OutcomeTable:
         scores, costs, lats = np.zeros((n, m)), np.zeros((n, m)), np.zeros((n, m))
         conf = np.full((n, m), np.nan)
         prompts, splits, groups = [], [], []
+        answers: list[list[str]] = []
         for i, qid in enumerate(complete):
             got = by_query[qid]
             first = got[models[0]]
             prompts.append(first.prompt)
             splits.append(first.split)
             groups.append(first.group)
+            answers.append([got[model].answer for model in models])
             for j, model in enumerate(models):
                 r = got[model]
                 scores[i, j], costs[i, j], lats[i, j] = r.score, r.cost_usd, r.latency_s
@@ -260,6 +271,7 @@ class OutcomeTable:
             groups=groups,
             confidence=None if np.isnan(conf).all() else conf,
             name=name,
+            answers=answers if any(any(a) for a in answers) else None,
         )
 
 

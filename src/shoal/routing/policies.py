@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from shoal.cards import ModelCard
 from shoal.errors import ConfigError, UnknownModelError
-from shoal.messages import ChatRequest, Estimate, RouteDecision
+from shoal.messages import ChatRequest, ChatResponse, Estimate, RouteDecision
 from shoal.routing.base import ModelStats, Router, RouteStats, still_allowed
 
 
@@ -93,6 +93,18 @@ class LatencySLORouter(Router):
     def rename(self, name: str) -> None:
         self.name = name
         self.inner.rename(name)
+
+    def accept(
+        self,
+        request: ChatRequest,
+        response: ChatResponse,
+        earlier: Sequence[ChatResponse] = (),
+    ) -> tuple[bool, float]:
+        """The inner router judges answers (a cascade under a deadline still escalates)."""
+        return self.inner.accept(request, response, earlier)
+
+    def prepare(self, request: ChatRequest) -> ChatRequest:
+        return self.inner.prepare(request)
 
     def fits(self, card: ModelCard, stats: RouteStats) -> bool:
         p95 = stats.get(card.id, ModelStats()).latency_p95_s

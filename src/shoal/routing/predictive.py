@@ -9,6 +9,8 @@ options, lines). Predictors, all plain numpy, fit on an outcome table:
 - `MFPredictor`: matrix factorisation as RouteLLM's MF router: a low-rank query projection
   dotted with a learned vector per model.
 - `EnsemblePredictor`: the mean of several.
+- `ClusterPredictor` (routing/cluster.py): k-means on the embeddings, each model's mean score
+  per cluster (Avengers-Pro's training-free router).
 
 `PredictiveRouter` scores each candidate as predicted quality - λ · (predicted cost / reference
 cost) and picks the best; λ is the one knob, fit by `calibrate` to a stated target. λ = 0 picks
@@ -21,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,13 @@ from shoal.errors import ConfigError, UnknownModelError
 from shoal.messages import ChatRequest, Estimate, RouteDecision
 from shoal.models.embedder import Embedder
 from shoal.routing.base import ModelStats, Router, RouteStats
+from shoal.routing.cluster import ClusterPredictor
+from shoal.routing.predictor import TEXT_FEATURES
+from shoal.routing.predictor import Predictor as Predictor  # where it was first defined
 
 Array = npt.NDArray[np.float64]
-PredictorKind = Literal["knn", "logistic", "mlp", "mf", "ensemble"]
+PredictorKind = Literal["knn", "logistic", "mlp", "mf", "ensemble", "cluster"]
+PREDICTOR_KINDS: tuple[str, ...] = ("knn", "logistic", "mlp", "mf", "ensemble", "cluster")
 CostMode = Literal["known", "learned"]
 
 
@@ -60,7 +65,7 @@ def text_features(texts: Sequence[str]) -> Array:
                 float("?" in t),
             ]
         )
-    return np.asarray(rows, dtype=np.float64).reshape(len(rows), 6)
+    return np.asarray(rows, dtype=np.float64).reshape(len(rows), TEXT_FEATURES)
 
 
 def query_text(request: ChatRequest) -> str:
@@ -83,7 +88,7 @@ class Featurizer:
 
     @property
     def dim(self) -> int:
-        return self.embedder.dim + 6
+        return self.embedder.dim + TEXT_FEATURES
 
 
 # -- optimisation helpers ------------------------------------------------------------------------
@@ -126,24 +131,6 @@ def fit_logistic(
 
 
 # -- predictors ----------------------------------------------------------------------------------
-
-
-class Predictor(ABC):
-    """Predicted quality of each model (columns) for each query (rows)."""
-
-    kind: str
-
-    @abstractmethod
-    def fit(self, x: Array, y: Array) -> Predictor: ...
-
-    @abstractmethod
-    def predict(self, x: Array) -> Array: ...
-
-    @abstractmethod
-    def state(self) -> dict[str, Array]: ...
-
-    @abstractmethod
-    def load_state(self, state: dict[str, Array]) -> None: ...
 
 
 class KNNPredictor(Predictor):
@@ -302,6 +289,7 @@ def make_predictor(kind: str) -> Predictor:
         "mlp": MLPPredictor,
         "mf": MFPredictor,
         "ensemble": EnsemblePredictor,
+        "cluster": ClusterPredictor,
     }
     if kind not in makers:
         raise ConfigError(f"unknown predictor {kind!r}; valid: {', '.join(makers)}")
@@ -343,7 +331,9 @@ class PredictiveRouter(Router):
 
     `min_quality` (optional) is a per-request floor: when no candidate's predicted quality
     reaches it, the route picks the best predicted model and says the target is not met.
-    `target_met` is false when calibration found the route's target out of reach.
+    `target_met` is false when calibration found the route's target out of reach; the route
+    then sends every query to `fallback` (the best single model on the calibration data) and
+    says so, rather than trusting per-query predictions that could not meet the target.
     """
 
     blocking = True  # choosing embeds the query
@@ -361,6 +351,7 @@ class PredictiveRouter(Router):
         min_quality: float | None = None,
         target: str = "",
         target_met: bool = True,
+        fallback: str | None = None,
     ) -> None:
         self.models = list(models)
         self.featurizer = featurizer
@@ -374,6 +365,9 @@ class PredictiveRouter(Router):
         self.min_quality = min_quality
         self.target = target
         self.target_met = target_met
+        if fallback is not None and fallback not in self.models:
+            raise UnknownModelError(fallback, self.models)
+        self.fallback = fallback
 
     # -- the numbers behind a choice -------------------------------------------------------
 
@@ -412,7 +406,14 @@ class PredictiveRouter(Router):
         best = int(np.argmax(utility))
         target_met = self.target_met
         floor = ""
-        if self.min_quality is not None and float(quality.max()) < self.min_quality:
+        ids = [c.id for c in cards]
+        if self.fallback is not None and self.fallback in ids:
+            best = ids.index(self.fallback)
+            floor = (
+                f"calibration could not meet the target ({self.target}) with any cost weight, "
+                f"so every query goes to {self.fallback}, the best single model there."
+            )
+        elif self.min_quality is not None and float(quality.max()) < self.min_quality:
             best = int(np.argmax(quality))
             target_met = False
             floor = (
@@ -480,6 +481,7 @@ class PredictiveRouter(Router):
             "min_quality": self.min_quality,
             "target": self.target,
             "target_met": self.target_met,
+            "fallback": self.fallback,
         }
         arrays = {f"p.{k}": v for k, v in self.predictor.state().items()}
         if self.cost_regressor is not None:
@@ -515,6 +517,7 @@ class PredictiveRouter(Router):
             min_quality=meta["min_quality"],
             target=meta["target"],
             target_met=meta["target_met"],
+            fallback=meta.get("fallback"),
         )
 
 

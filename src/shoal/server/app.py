@@ -29,7 +29,9 @@ from shoal.server.metrics import Metrics
 from shoal.server.routes import ROUTES
 from shoal.server.runbook import KEEP_RUNS, MAX_RUNS, RunBook
 from shoal.server.runs import RUN_ROUTES
+from shoal.server.sessions import Sessions
 from shoal.server.state import KEYS_FILE, ServerState
+from shoal.server.ui import ui_routes
 from shoal.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def create_app(
     max_runs: int = MAX_RUNS,
     keep_runs: int = KEEP_RUNS,
     close_engine: bool = False,
+    keys: KeyStore | None = None,
 ) -> Starlette:
     """The server for `engine`. It runs `pipelines` by name (by default those `settings.pipelines`
     names, registered pipelines or YAML files; none when it names none), at most `max_runs` at
@@ -89,15 +92,21 @@ def create_app(
     unless a named registered pipeline adds the routes it needs (as the rental one does). With
     `close_engine`, the app closes the engine when it stops (the command line hands it over);
     otherwise the caller keeps it. With API keys, the app holds its keys file from now until it
-    stops: `KeysInUseError` if another server does."""
+    stops: `KeysInUseError` if another server does, unless `keys` is given: a store whose budgets
+    another process owns (the gateway replicas on Ray share one ledger)."""
     settings = settings or ServerSettings()
     if pipelines is None:
         pipelines = named_pipelines(engine, settings.pipelines)
     runs = RunBook(pipelines, max_runs=max_runs, keep_runs=keep_runs)
-    keys = None
-    if settings.auth:
+    if settings.auth and keys is None:
         keys = KeyStore(settings.keys_path or engine.fleet.cache_dir / KEYS_FILE, serving=True)
-    state = ServerState(engine=engine, settings=settings, keys=keys, metrics=Metrics(), runs=runs)
+    metrics = Metrics()
+    metrics.watch_routes(lambda: [engine.route(name) for name in engine.route_names])
+    # The dashboard's sessions live in the keys file, so they outlast a restart.
+    sessions = Sessions(keys.path) if keys is not None else Sessions()
+    state = ServerState(
+        engine=engine, settings=settings, keys=keys, metrics=metrics, runs=runs, sessions=sessions
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -105,13 +114,14 @@ def create_app(
             yield
         finally:
             await runs.aclose()  # runs in flight settle their keys' reservations first
+            sessions.close()
             if keys is not None:
                 keys.close()
             if close_engine:
                 await engine.aclose()
 
     app = Starlette(
-        routes=[*ROUTES, *RUN_ROUTES],
+        routes=[*ROUTES, *RUN_ROUTES, *ui_routes()],
         exception_handlers={
             ShoalError: _shoal_error,
             HTTPException: _http_error,

@@ -29,6 +29,7 @@ from shoal.errors import (
     PayloadTooLargeError,
     RateLimitedError,
     ShoalError,
+    SpecialistStaleError,
     UnknownModelError,
     UnknownPipelineError,
     UnknownRouteError,
@@ -71,6 +72,8 @@ RULES: tuple[Rule, ...] = (
     Rule(BackendError, 502, "server_error", "upstream_error"),
     Rule(ModelNotInstalledError, 503, "server_error", "model_not_installed"),
     Rule(WeightsCorruptedError, 500, "server_error", "weights_corrupted"),
+    # A specialist trained on another embedder's vectors: train it again (shoal distil).
+    Rule(SpecialistStaleError, 503, "server_error", "specialist_stale"),
     Rule(ConfigError, 500, "server_error", "configuration_error"),
     Rule(ShoalError, 500, "server_error", "internal_error"),
 )

@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS keys (
     requests INTEGER NOT NULL DEFAULT 0,
     rpm INTEGER,
     revoked INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -109,6 +110,7 @@ class KeyRecord(BaseModel):
     rpm: int | None
     revoked: bool
     created_at: float
+    admin: bool = False
 
 
 @dataclass
@@ -123,6 +125,7 @@ class KeyState:
     rpm: int | None
     revoked: bool
     version: int
+    admin: bool = False
     tokens: float = 0.0
     tokens_at: float = field(default_factory=time.monotonic)
 
@@ -137,6 +140,7 @@ class KeyStore:
         self._owner = _take_lock(self.path) if serving and str(path) != ":memory:" else None
         try:
             self._db = open_sqlite(path, _SCHEMA)
+            _add_admin_column(self._db)
         except BaseException:
             self._release()
             raise
@@ -209,9 +213,12 @@ class KeyStore:
     # -- administration (the command line) -----------------------------------------------------
 
     def create(
-        self, name: str, *, budget_usd: float | None, rpm: int | None
+        self, name: str, *, budget_usd: float | None, rpm: int | None, admin: bool = False
     ) -> tuple[str, KeyRecord]:
-        """A new key: returns the key (shown once, stored only hashed) and its record."""
+        """A new key: returns the key (shown once, stored only hashed) and its record. An
+        `admin` key also signs in to the dashboard (`/ui`)."""
+        if not name.strip():
+            raise ValueError("a key needs a name")
         if budget_usd is not None and budget_usd < 0:
             raise ValueError("a budget cannot be negative")
         if rpm is not None and rpm < 1:
@@ -222,8 +229,8 @@ class KeyStore:
         with self._lock:
             try:
                 self._db.execute(
-                    "INSERT INTO keys (id, name, hash, hint, budget_pusd, rpm, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO keys (id, name, hash, hint, budget_pusd, rpm, created_at, admin) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key_id,
                         name,
@@ -232,6 +239,7 @@ class KeyStore:
                         budget,
                         rpm,
                         time.time(),
+                        int(admin),
                     ),
                 )
             except sqlite3.IntegrityError as exc:
@@ -241,8 +249,16 @@ class KeyStore:
         return key, record
 
     def revoke(self, name: str) -> bool:
+        """Revoke the key `name`, and end its dashboard sessions (`shoal.server.sessions`)."""
         with self._lock:
             cursor = self._db.execute("UPDATE keys SET revoked = 1 WHERE name = ?", (name,))
+            self._version += 1  # this connection's own change: the states held are read again
+            sessions = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'sessions'"
+            if self._db.execute(sessions).fetchone() is not None:
+                self._db.execute(
+                    "DELETE FROM sessions WHERE key_hash IN (SELECT hash FROM keys WHERE name = ?)",
+                    (name,),
+                )
         return cursor.rowcount > 0
 
     def update(
@@ -282,7 +298,7 @@ class KeyStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
-                "created_at FROM keys ORDER BY created_at"
+                "created_at, admin FROM keys ORDER BY created_at"
             ).fetchall()
         return [_record(row) for row in rows]
 
@@ -291,7 +307,7 @@ class KeyStore:
         with self._lock:
             row = self._db.execute(
                 "SELECT id, name, hint, budget_pusd, spent_pusd, requests, rpm, revoked, "
-                "created_at FROM keys WHERE name = ?",
+                "created_at, admin FROM keys WHERE name = ?",
                 (name,),
             ).fetchone()
         return _record(row) if row else None
@@ -306,7 +322,11 @@ class KeyStore:
         key = key.strip()
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationError("the Authorization header must be 'Bearer <key>'")
-        digest = hash_key(key)
+        return self.authenticate_hash(hash_key(key))
+
+    def authenticate_hash(self, digest: str) -> KeyState:
+        """The key whose sha256 is `digest` (a dashboard session holds it), or
+        `AuthenticationError`."""
         data_version = self._read_data_version()
         if data_version != self._data_version:  # the file changed: states held are read again
             self._data_version = data_version
@@ -328,18 +348,19 @@ class KeyStore:
         self.flush()  # the spend read back must include every charge settled here
         with self._lock:
             row = self._db.execute(
-                "SELECT id, name, budget_pusd, spent_pusd, rpm, revoked FROM keys WHERE hash = ?",
+                "SELECT id, name, budget_pusd, spent_pusd, rpm, revoked, admin FROM keys "
+                "WHERE hash = ?",
                 (digest,),
             ).fetchone()
         if row is None:
             self._live.pop(digest, None)
             return None
-        key_id, name, budget, spent, rpm, revoked = row
+        key_id, name, budget, spent, rpm, revoked, admin = row
         with self._flushing:  # charges the file does not have yet (a write that failed)
             spent += self._charges.get(key_id, [0, 0])[0]
         now = time.monotonic()
         if known is None:
-            account = Account(f"key {name!r}", budget, spent)
+            account = Account(f"key {name!r}", budget, spent, owner=name)
             account.on_charge = lambda pusd: self._charge(key_id, pusd)
             known = KeyState(
                 id=key_id,
@@ -348,6 +369,7 @@ class KeyStore:
                 rpm=rpm,
                 revoked=bool(revoked),
                 version=self._version,
+                admin=bool(admin),
                 tokens=float(rpm or 0),
                 tokens_at=now,
             )
@@ -358,6 +380,7 @@ class KeyStore:
             if rpm is not None and known.rpm is None:  # a new rate limit starts with a full bucket
                 known.tokens, known.tokens_at = float(rpm), now
             known.rpm, known.revoked, known.version = rpm, bool(revoked), self._version
+            known.admin = bool(admin)
         return known
 
     def admit(self, key: KeyState) -> None:
@@ -380,6 +403,15 @@ class KeyStore:
         """Hold `worst_usd` of the key's budget for one call (or one pipeline run), or refuse
         it: 402 when the budget cannot cover it, 429 while calls in flight hold the rest."""
         return key.account.reserve(worst_usd)
+
+    async def admit_async(self, key: KeyState) -> None:
+        """`admit`, for a caller on an event loop (a store whose ledger is in another process
+        waits for it there without blocking the loop)."""
+        self.admit(key)
+
+    async def reserve_async(self, key: KeyState, worst_usd: float) -> Hold:
+        """`reserve`, for a caller on an event loop (see `admit_async`)."""
+        return self.reserve(key, worst_usd)
 
     @property
     def overrun_pusd(self) -> int:
@@ -423,8 +455,15 @@ def _read_pid(fd: int) -> str:
     return text if text.isdigit() else ""
 
 
+def _add_admin_column(db: sqlite3.Connection) -> None:
+    """Keys files written before admin keys existed gain the column (no key is an admin)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+    if "admin" not in columns:
+        db.execute("ALTER TABLE keys ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
+
+
 def _record(row: tuple[object, ...]) -> KeyRecord:
-    key_id, name, hint, budget, spent, requests, rpm, revoked, created = row
+    key_id, name, hint, budget, spent, requests, rpm, revoked, created, admin = row
     assert isinstance(spent, int)
     assert isinstance(requests, int)
     return KeyRecord(
@@ -437,4 +476,5 @@ def _record(row: tuple[object, ...]) -> KeyRecord:
         rpm=rpm if isinstance(rpm, int) else None,
         revoked=bool(revoked),
         created_at=float(created),  # type: ignore[arg-type]
+        admin=bool(admin),
     )

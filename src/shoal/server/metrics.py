@@ -11,6 +11,10 @@ coexist in one process; nothing is registered at module level):
     shoal_key_overrun_usd_total                         cost past what calls held (charged)
     shoal_grammar_cache_entries, _schema_bytes          compiled JSON grammars kept (bounded)
     shoal_grammar_cache_evictions_total                 grammars dropped to keep the bound
+    shoal_specialist_serving{route,specialist}          1 while a specialist route uses it
+    shoal_specialist_live_agreement{route,specialist}   its recent drift checks' agreement
+    shoal_specialist_drift_checks_total{route,specialist,result}   agreed | disagreed
+    shoal_specialist_switched_off_total{route,specialist}   times its drift guard stopped it
     process_*                                           the server process: CPU, memory, files
 
 `name` is what the client asked for (a model id or a route name), `route` the route ("" for a
@@ -19,7 +23,7 @@ direct model call), `model` the model that answered ("" when none did).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -28,6 +32,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 from prometheus_client.registry import Collector
 
 from shoal.models.llamacpp import grammar_cache_stats
+from shoal.routing.specialist import SpecialistRoute
 
 LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 LATENCY_BUCKETS += (1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -65,6 +70,49 @@ class _Grammars(Collector):
             "Grammars dropped, least recently used first, to keep the cache bounded.",
             value=evictions,
         )
+
+
+class _Specialists(Collector):
+    """The drift guards of the engine's specialist routes, read at scrape time."""
+
+    def __init__(self, routes: Callable[[], list[object]]) -> None:
+        self.routes = routes
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["route", "specialist"]
+        serving = GaugeMetricFamily(
+            "shoal_specialist_serving",
+            "1 while a specialist route uses its specialist.",
+            labels=labels,
+        )
+        live = GaugeMetricFamily(
+            "shoal_specialist_live_agreement",
+            "Share of a specialist's recent drift checks that agreed with its teacher.",
+            labels=labels,
+        )
+        checks = CounterMetricFamily(
+            "shoal_specialist_drift_checks",
+            "Specialist answers also asked of the teacher, by result.",
+            labels=[*labels, "result"],
+        )
+        off = CounterMetricFamily(
+            "shoal_specialist_switched_off",
+            "Times a drift guard switched its specialist off.",
+            labels=labels,
+        )
+        for route in self.routes():
+            if not isinstance(route, SpecialistRoute):
+                continue
+            guard = route.guard
+            names = [guard.route, guard.specialist.id]
+            counts = guard.counts
+            serving.add_metric(names, 0.0 if guard.switched else 1.0)
+            if guard.recent:
+                live.add_metric(names, sum(guard.recent) / len(guard.recent))
+            checks.add_metric([*names, "agreed"], counts.agreed)
+            checks.add_metric([*names, "disagreed"], counts.checks - counts.agreed)
+            off.add_metric(names, 1.0 if guard.switched else 0.0)
+        yield from (serving, live, checks, off)
 
 
 class _Series(NamedTuple):
@@ -155,6 +203,11 @@ class Metrics:
         if cost_usd:
             series.cost.inc(cost_usd)
         series.latency.observe(latency_s)
+
+    def watch_routes(self, routes: Callable[[], list[object]]) -> None:
+        """Report the drift guards of the specialist routes among `routes()` (read at scrape
+        time)."""
+        self.registry.register(_Specialists(routes))
 
     def error(self, *, status: int, code: str) -> None:
         self._errors.labels(str(status), code).inc()

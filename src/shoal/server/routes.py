@@ -202,7 +202,7 @@ async def chat_completions(request: Request) -> Response:
     state: ServerState = request.app.state.shoal
     key = state.keys.authenticate(request.headers.get("authorization")) if state.keys else None
     if key is not None and state.keys is not None:
-        state.keys.admit(key)  # the rate limit, before any work on the body
+        await state.keys.admit_async(key)  # the rate limit, before any work on the body
     body = await read_body(request, state.settings.max_body_bytes)
     if len(body) > LARGE_BODY_BYTES:  # parsing a large body takes milliseconds: off the loop
         wire, chat = await asyncio.to_thread(parse_request, body)
@@ -210,7 +210,7 @@ async def chat_completions(request: Request) -> Response:
         wire, chat = parse_request(body)
     plan = await state.engine.plan(wire.model, chat)
     if key is not None and state.keys is not None:
-        hold = state.keys.reserve(key, plan.worst_usd)
+        hold = await state.keys.reserve_async(key, plan.worst_usd)
     else:  # no keys: the call is still capped at its worst case and its charge measured
         hold = Account("unmetered").reserve(plan.worst_usd)
     if chat.json_schema is not None:

@@ -134,12 +134,9 @@ def _json(info: RunInfo, status: int = 200, headers: dict[str, str] | None = Non
     return Response(body, status_code=status, media_type=JSON_TYPE, headers=headers)
 
 
-async def start_run(request: Request) -> Response:
-    state: ServerState = request.app.state.shoal
-    key = _key(state, request)
-    pipeline = state.runs.pipeline(request.path_params["name"])
-    body = await read_body(request, state.settings.max_body_bytes)
-    wire = parse_run_request(body, pipeline, auth=state.keys is not None)
+def launch(state: ServerState, pipeline: Pipeline, wire: RunRequest, key: KeyState | None) -> Run:
+    """Start a run of `pipeline` (its budget held on `key`, which may see it): 429 when the
+    server runs as many as it may, or the key's rate limit or budget refuses it."""
     state.runs.check_room()
     hold = None
     if state.keys is not None and key is not None:
@@ -157,6 +154,16 @@ async def start_run(request: Request) -> Response:
     run.hold = hold
     state.runs.started(run)
     run.task = asyncio.ensure_future(_execute(state, run, pipeline, wire))
+    return run
+
+
+async def start_run(request: Request) -> Response:
+    state: ServerState = request.app.state.shoal
+    key = _key(state, request)
+    pipeline = state.runs.pipeline(request.path_params["name"])
+    body = await read_body(request, state.settings.max_body_bytes)
+    wire = parse_run_request(body, pipeline, auth=state.keys is not None)
+    run = launch(state, pipeline, wire, key)
     location = f"/v1/pipelines/{pipeline.name}/runs/{run.id}"
     return _json(run.info(), 202, {"location": location})
 

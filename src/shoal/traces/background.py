@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,10 @@ class DeferredTraceStore(TraceStore):
     def calls(self, run_id: str | None = None, *, limit: int = 10_000) -> list[CallRecord]:
         self.flush()
         return super().calls(run_id, limit=limit)
+
+    def read(self, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self.flush()
+        return super().read(query, args)
 
     def start_run(
         self,

@@ -20,10 +20,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from shoal.storage import open_sqlite
+from shoal.traces import rollups
 from shoal.traces.recordings import SCHEMA as _RECORDINGS_SCHEMA
 from shoal.traces.recordings import RecordedTarget, Recording, add_missing_columns
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -54,11 +55,23 @@ CREATE TABLE IF NOT EXISTS calls (
     cached INTEGER NOT NULL DEFAULT 0,
     decision TEXT,
     started_at REAL NOT NULL,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    key TEXT,
+    ttft_s REAL,
+    recording_id INTEGER
 );
 CREATE INDEX IF NOT EXISTS calls_run ON calls (run_id, id);
 CREATE INDEX IF NOT EXISTS calls_model ON calls (model, finished_at);
 """
+# The request log's filters (an index on one column also orders its rows by id). Created after
+# older files gain the columns.
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS calls_model_id ON calls (model, id)",
+    "CREATE INDEX IF NOT EXISTS calls_key ON calls (key)",
+    "CREATE INDEX IF NOT EXISTS calls_route ON calls (route)",
+    "CREATE INDEX IF NOT EXISTS calls_status ON calls (status)",
+    "CREATE INDEX IF NOT EXISTS calls_finished ON calls (finished_at)",
+)
 
 
 class CallRecord(BaseModel):
@@ -82,6 +95,10 @@ class CallRecord(BaseModel):
     decision: dict[str, Any] | None = None
     started_at: float = 0.0
     finished_at: float = 0.0
+    key: str | None = None
+    ttft_s: float | None = None
+    # The recording of the request (`recordings.id`), where the route or step records them.
+    recording_id: int | None = None
     id: int | None = None
 
 
@@ -106,9 +123,24 @@ class TraceStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = open_sqlite(path, _SCHEMA + _RECORDINGS_SCHEMA)
+        self._db = open_sqlite(path, _SCHEMA + _RECORDINGS_SCHEMA + rollups.SCHEMA)
         add_missing_columns(self._db, "recordings", _RECORDINGS_SCHEMA)
+        add_missing_columns(self._db, "calls", _SCHEMA)
+        for index in _INDEXES:
+            self._db.execute(index)
+        rollups.upgrade(self._db)
+        self._backfill_rollups()
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _backfill_rollups(self) -> None:
+        """A file written before the rollups existed has them counted from its calls."""
+        db = self._db
+        if db.execute("SELECT 1 FROM call_rollups LIMIT 1").fetchone() is not None:
+            return
+        if db.execute("SELECT 1 FROM calls LIMIT 1").fetchone() is None:
+            return
+        with self._write():
+            rollups.backfill(db)
 
     def close(self) -> None:
         with self._lock:
@@ -129,13 +161,21 @@ class TraceStore:
 
     def record_call(self, call: CallRecord) -> int:
         with self._write() as db:
+            rollups.add(db, (call,))
             return self._insert(db, call)
 
     def record_calls(self, calls: Sequence[CallRecord]) -> None:
-        """Record several calls in one transaction (one commit instead of one each)."""
+        """Record several calls in one transaction (one commit instead of one each), with
+        their rollups."""
         with self._write() as db:
             for call in calls:
                 self._insert(db, call)
+            rollups.add(db, calls)
+
+    def read(self, query: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows of one read-only query (the dashboard's, in `shoal.traces.dashboard`)."""
+        with self._lock:
+            return self._db.execute(query, args).fetchall()
 
     @staticmethod
     def _insert(db: sqlite3.Connection, call: CallRecord) -> int:
