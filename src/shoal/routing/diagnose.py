@@ -71,7 +71,7 @@ def prediction_warnings(
         )
     if distinct_routes is not None and distinct_routes < MIN_DISTINCT_ROUTES:
         out.append(
-            f"the route's cost weights give only {distinct_routes} distinct routes: "
+            f"the route's cost weights give only {distinct_routes} distinct route(s): "
             "its cost-quality curve is a few points, not a curve"
         )
     return out
