@@ -22,9 +22,9 @@ from server_support import serving
 from shoal import Fleet
 from shoal.backends.ray_model import RayModel, app_name
 from shoal.engine import Engine
-from shoal.errors import OverloadedError
+from shoal.errors import NoReplicaError, OverloadedError
 from shoal.ledger import Account
-from shoal.messages import ChatRequest, Completed, Message, TextDelta
+from shoal.messages import ChatRequest, ChatResponse, Completed, Message, TextDelta
 from shoal.models.base import Model
 from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.pipeline.run import Runner
@@ -40,6 +40,7 @@ pytestmark = inside_namespace
 
 TINY = "smollm2-135m"
 NARROW = "tiny-narrow"  # one replica that takes one call and queues one more
+GONE = "tiny-gone"  # deleted under its callers
 
 
 def ask(text: str, max_tokens: int = 12) -> ChatRequest:
@@ -55,16 +56,23 @@ def fleet(ray_cluster: LocalCluster, tiny_path: Path) -> Iterator[Fleet]:
         backend="ray",
         ray=RayPlacement(replicas=1, num_cpus=0.25, max_ongoing_requests=1, max_queued_requests=1),
     )
+    gone = GGUFModelSpec(
+        id=GONE,
+        path=tiny_path,
+        context=2048,
+        backend="ray",
+        ray=RayPlacement(replicas=1, num_cpus=0.25),
+    )
     settings = FleetSettings(
         backend="ray",
         ray=RayPlacement(replicas=2, num_cpus=0.5, max_ongoing_requests=16),
-        models=(narrow,),
+        models=(narrow, gone),
     )
     fleet = Fleet(settings)
     yield fleet
     from ray import serve
 
-    for model_id in (TINY, NARROW):
+    for model_id in (TINY, NARROW, GONE):
         serve.delete(app_name(model_id))
 
 
@@ -206,6 +214,83 @@ def test_a_full_queue_on_ray_is_503_with_retry_after(engine: Engine) -> None:
     assert refused, "one replica taking one call and queueing one cannot take six"
     assert all(isinstance(o, str) and o.startswith("503:") for o in refused)
     assert all(o.split(":")[1] not in ("", "None") for o in refused)  # type: ignore[union-attr]
+
+
+async def test_a_call_whose_every_replica_dies_ends_charged_and_traced_once(
+    fleet: Fleet, engine: Engine
+) -> None:
+    """The one replica killed mid-call: the call is tried again while Serve starts another, and
+    either answers or fails with `NoReplicaError`, in bounded time; never Ray's exception."""
+    model = fleet.model(GONE)
+    assert isinstance(model, RayModel)
+    await model.load()
+    victim = await model.handle().pid.remote()
+    request = ask("Write a long story about a lighthouse keeper.", max_tokens=240)
+    plan = await engine.plan(GONE, request)
+    account = Account.usd("every-replica", 1.0)
+    call = asyncio.ensure_future(
+        engine.execute(plan, hold=account.reserve(plan.worst_usd), step="ray-all-lost")
+    )
+    await asyncio.sleep(0.8)  # the generation is under way
+    assert not call.done()
+    os.kill(victim, signal.SIGKILL)
+    outcome = (await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 90))[0]
+    assert isinstance(outcome, ChatResponse | NoReplicaError), repr(outcome)
+    charged = outcome.cost_usd if isinstance(outcome, ChatResponse) else 0.0
+    rows = [c for c in engine.traces.calls() if c.step == "ray-all-lost"]
+    assert len(rows) == 1  # traced once
+    assert rows[0].cost_usd == pytest.approx(charged, abs=1e-12)
+    assert account.spent_usd == pytest.approx(charged, abs=1e-12)  # charged once
+    assert account.held_pusd == 0
+
+
+def test_a_deployment_with_no_replica_left_is_a_503_charged_and_traced_once(
+    engine: Engine,
+) -> None:
+    """Deleted under its callers: the call fails at once with `NoReplicaError` (503 with
+    `Retry-After` at the server), is traced once and charged nothing (nothing came back); the
+    next call deploys the model again."""
+    from ray import serve
+
+    async def once(step: str, account: Account) -> object:
+        plan = await engine.plan(GONE, ask("Hi", max_tokens=4))
+        try:
+            return await engine.execute(plan, hold=account.reserve(plan.worst_usd), step=step)
+        except NoReplicaError as exc:
+            return exc
+
+    account = Account.usd("gone", 1.0)
+    assert not isinstance(asyncio.run(once("gone-before", account)), Exception)
+    spent = account.spent_usd
+    serve.delete(app_name(GONE))  # every replica goes with it
+    started = time.perf_counter()
+    failed = asyncio.run(once("gone-engine", account))
+    assert time.perf_counter() - started < 10  # at once: no wait for a replica
+    assert isinstance(failed, NoReplicaError)
+    assert failed.retryable
+    assert failed.retry_after_s > 0
+    assert "deployment on Ray is gone" in str(failed)
+    assert failed.__cause__ is not None  # Ray's error is the cause, never what the caller sees
+    rows = [c for c in engine.traces.calls() if c.step == "gone-engine"]
+    assert len(rows) == 1  # traced once
+    assert rows[0].status != "ok"
+    assert rows[0].cost_usd == 0
+    assert account.spent_usd == spent  # charged nothing: nothing came back
+    again = asyncio.run(once("gone-again", account))  # deployed again, then answered
+    assert not isinstance(again, Exception)
+    assert account.held_pusd == 0
+
+    serve.delete(app_name(GONE))
+    app = create_app(engine, ServerSettings(auth=False))
+    with serving(app) as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.chat.completions.create(
+                model=GONE, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+    assert caught.value.status_code == 503
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert "deployment on Ray is gone" in caught.value.message
 
 
 async def test_the_queue_limit_is_an_overloaded_error(fleet: Fleet) -> None:

@@ -29,7 +29,8 @@
     │   ├── OutputTruncatedError    max_tokens cut structured output short
     │   └── OutputInvalidError      output does not parse / match its schema
     ├── OverloadedError             a bounded queue is full
-    │   └── RateLimitedError        a key's rate limit, or its budget held by calls in flight
+    │   ├── RateLimitedError        a key's rate limit, or its budget held by calls in flight
+    │   └── NoReplicaError          no replica of a model's deployment is left to take the call
     └── BackendError                the model's backend failed
         ├── BackendTimeoutError     no answer in time
         ├── BackendUnavailableError cannot connect
@@ -252,6 +253,11 @@ class OverloadedError(ShoalError):
 
 class RateLimitedError(OverloadedError):
     pass
+
+
+class NoReplicaError(OverloadedError):
+    """No replica of a model's deployment is left to take the call (every one lost, or the
+    deployment deleted); one may be started again, so the call may succeed later."""
 
 
 class BackendError(ShoalError):

@@ -10,7 +10,9 @@ budgets and traces work as they do in process. What differs is only the wire:
   tokens, as in process);
 - a replica that dies mid-call (its process killed, its node gone) is retried on another
   replica, `attempts` times in all, as long as nothing was streamed yet; then the call fails
-  with a retryable `BackendError`. Only the answer that came back is charged and traced;
+  with `NoReplicaError` (retryable: 503 with `Retry-After` at the server), as does a call to a
+  deployment that is gone (deleted, or failed): the next call deploys it again (or finds it).
+  Only the answer that came back is charged and traced;
 - a full queue (`max_queued_requests` waiting for a replica) is `OverloadedError`: 503 with
   `Retry-After` at the server.
 
@@ -33,7 +35,7 @@ from typing import Any
 from shoal import errors
 from shoal.backends.ray_cluster import QUIET_LOGS, import_ray
 from shoal.cards import ModelCard
-from shoal.errors import BackendError, OverloadedError, ShoalError
+from shoal.errors import BackendError, NoReplicaError, OverloadedError, ShoalError
 from shoal.messages import ChatRequest, ChatResponse, Completed, StreamEvent
 from shoal.models.base import Model
 from shoal.settings import RayPlacement
@@ -41,6 +43,8 @@ from shoal.settings import RayPlacement
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "shoal-model-"
+# What a caller is told to wait when no replica is left: about what Serve takes to start one.
+RETRY_AFTER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -179,21 +183,24 @@ class RayModel(Model):
             return self._handle
 
     async def load(self) -> None:
-        if self._handle is None:
-            await asyncio.to_thread(self.handle)
+        await self._ready()
+
+    async def _ready(self) -> Any:
+        handle = self._handle
+        return handle if handle is not None else await asyncio.to_thread(self.handle)
 
     async def generate(self, request: ChatRequest) -> ChatResponse:
-        await self.load()
+        handle = await self._ready()
         called = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
-            call = self._handle.generate.remote(request)
+            call = handle.generate.remote(request)
             try:
                 answer = await call
             except asyncio.CancelledError:
                 call.cancel()
                 raise
             except Exception as exc:
-                error, lost = self._error(exc)
+                error, lost = self._error(exc, attempt)
                 if lost and attempt < self.attempts:
                     log.warning("%s: a replica was lost mid-call; trying another", self.id)
                     continue
@@ -202,10 +209,10 @@ class RayModel(Model):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        await self.load()
+        handle = await self._ready()
         called = time.perf_counter()
         for attempt in range(1, self.attempts + 1):
-            call = self._handle.options(stream=True).stream.remote(request)
+            call = handle.options(stream=True).stream.remote(request)
             streamed = finished = False
             try:
                 async for event in call:
@@ -222,7 +229,7 @@ class RayModel(Model):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                error, lost = self._error(exc)
+                error, lost = self._error(exc, attempt)
                 if lost and not streamed and attempt < self.attempts:
                     log.warning("%s: a replica was lost mid-call; trying another", self.id)
                     continue
@@ -238,18 +245,27 @@ class RayModel(Model):
             raise answer.error()
         return answer.model_copy(update={"latency_s": time.perf_counter() - called})
 
-    def _error(self, exc: Exception) -> tuple[ShoalError, bool]:
-        """The shoal error for a failure of the Ray call, and whether its replica was lost."""
+    def _error(self, exc: Exception, attempt: int) -> tuple[ShoalError, bool]:
+        """The shoal error for a failure of the Ray call (its `attempt`-th try), and whether its
+        replica was lost (another may take it)."""
         from ray import exceptions as ray_errors
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         if isinstance(exc, BackPressureError):
             return OverloadedError(
                 f"{self.id}: every replica is busy and its queue is full ({exc})",
                 retry_after_s=exc.retry_after_s or 1.0,
             ), False
+        if isinstance(exc, DeploymentUnavailableError):
+            self._handle = None  # the next call deploys it again, or finds it
+            return NoReplicaError(
+                f"{self.id}: its deployment on Ray is gone (deleted, or failed to start)",
+                retry_after_s=RETRY_AFTER_S,
+            ), False
         if isinstance(exc, ray_errors.RayActorError | ray_errors.ActorUnavailableError):
-            return BackendError(
-                f"{self.id}: its replica was lost mid-call ({self.attempts} tries): {exc}"
+            return NoReplicaError(
+                f"{self.id}: its replica was lost mid-call ({attempt} of {self.attempts} tries)"
+                f": {type(exc).__name__}",
+                retry_after_s=RETRY_AFTER_S,
             ), True
         return BackendError(f"{self.id}: the Ray call failed: {type(exc).__name__}: {exc}"), False

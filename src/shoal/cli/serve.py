@@ -214,7 +214,8 @@ def serve_on_ray(
     finally:
         if gateway is not None:
             gateway.stop()
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        if address == "local":  # its own cluster; a joined one keeps Serve and its models
+            serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
 
 
