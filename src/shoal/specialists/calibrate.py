@@ -8,8 +8,8 @@ takes and the teacher's on the rest. The target is one of:
 - `min_accuracy`: its accuracy on gold answers is at least this.
 
 `choose_threshold` picks, on out-of-fold predictions, the lowest threshold (the most calls taken)
-above which every threshold keeps the target: a threshold that met it by luck between two that
-do not is not taken.
+above which every threshold keeps the target with a margin for sampling noise: a threshold that
+met it by luck between two that do not is not taken.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from shoal.errors import DistillationError
 
 Array = npt.NDArray[np.float64]
 Mask = npt.NDArray[np.bool_]
+
+# Thresholds are chosen to keep the target by this many standard errors of the calls they were
+# measured on (the lower end of a one-sided 90% interval): chosen exactly at the target, the
+# route would miss it on new calls about half the time.
+MARGIN_Z = 1.28
 
 
 class Target(BaseModel):
@@ -100,6 +105,25 @@ class Outcomes:
         assert target.quality_ratio is not None
         return target.quality_ratio * float(self.teacher_correct[self.known].mean())
 
+    def margin(self, threshold: float, target: Target, z: float = 0.0) -> float:
+        """How far the route is above the target at `threshold`, less `z` standard errors: per
+        call, its quality less what the target asks of that call (the teacher's correctness
+        times the ratio, for a quality ratio), averaged over the calls."""
+        taken = self.confidence >= threshold
+        if target.agreement is not None:
+            d = np.where(taken, self.agree, True).astype(np.float64) - target.agreement
+        else:
+            k = self.known
+            route = np.where(taken[k], self.correct[k], self.teacher_correct[k]).astype(float)
+            if target.min_accuracy is not None:
+                d = route - target.min_accuracy
+            else:
+                assert target.quality_ratio is not None
+                d = route - target.quality_ratio * self.teacher_correct[k].astype(np.float64)
+        if not len(d):
+            return 0.0
+        return float(d.mean() - z * d.std() / math.sqrt(len(d)))
+
     def summary(self, threshold: float) -> dict[str, Any]:
         """Coverage, agreement and (where gold is known) accuracy at `threshold`."""
         taken = self.confidence >= threshold
@@ -129,20 +153,22 @@ def _mean(values: Mask) -> float | None:
     return float(values.mean()) if len(values) else None
 
 
-def choose_threshold(outcomes: Outcomes, target: Target) -> tuple[float, bool]:
+def choose_threshold(
+    outcomes: Outcomes, target: Target, *, z: float = MARGIN_Z
+) -> tuple[float, bool]:
     """(threshold, met): the lowest threshold above which the route keeps the target at every
-    threshold; (inf, False) when it keeps it at none but taking no call at all."""
+    threshold, with a margin of `z` standard errors for the sampling noise of the calls it was
+    measured on; (inf, False) when it keeps it at none but taking no call at all."""
     if target.needs_gold and not outcomes.known.any():
         raise DistillationError(
             f"the target ({target.describe()}) is about gold answers, and no example has one: "
             "give gold answers, or a target of agreement with the teacher (agreement=0.95)"
         )
-    goal = outcomes.goal(target) - 1e-12
     positive = outcomes.confidence[outcomes.confidence > 0]  # 0: an answer it never gives
     candidates = np.unique(positive)[::-1]  # highest first
     best = math.inf
     for threshold in candidates:
-        if outcomes.quality(float(threshold), target) < goal:
+        if outcomes.margin(float(threshold), target, z) < -1e-12:
             break
         best = float(threshold)
     return best, math.isfinite(best)
