@@ -8,7 +8,10 @@ queue, from every call that completes, and the engine plans with them (`ModelCar
 
 The figures persist (a small JSON file next to the traces, written at most once a minute and
 when the engine closes), so a new process plans with the last known speeds instead of the idle
-ones. Only local models are followed: a hosted model's time to first token is mostly network.
+ones, as long as they are recent (`MAX_AGE_S`): a machine that was busy an afternoon ago is not
+planned as busy now. The time calls waited in the queue is not carried over: a new process
+starts with an empty queue. Only local models are followed: a hosted model's time to first
+token is mostly network.
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ NEW_WEIGHT = 0.3
 MIN_PROMPT_TOKENS = 16
 MIN_OUTPUT_TOKENS = 4
 SAVE_EVERY_S = 60.0
+# Speeds saved longer ago than this are not loaded: the load that slowed them has likely gone.
+MAX_AGE_S = 3600.0
 
 
 class LiveSpeeds:
     def __init__(self, path: str | Path | None = None) -> None:
         self.path = Path(path) if path is not None else None
         self._speeds: dict[str, Speed] = {}
+        self._seen_at: dict[str, float] = {}  # Unix time of each model's latest observation
         self._warm: set[str] = set()
         self._lock = threading.Lock()
         self._saved_at = time.monotonic()
@@ -73,6 +79,7 @@ class LiveSpeeds:
                 gen_tok_s=_mix(old.gen_tok_s if old else None, gen),
                 wait_s=_mix(old.wait_s if old else None, wait) or 0.0,
             )
+            self._seen_at[response.model] = time.time()
             due = time.monotonic() - self._saved_at >= SAVE_EVERY_S
         if due:
             self.save()
@@ -82,7 +89,10 @@ class LiveSpeeds:
         if self.path is None:
             return
         with self._lock:
-            data = {m: s._asdict() for m, s in self._speeds.items()}
+            now = time.time()
+            data = {
+                m: {**s._asdict(), "at": self._seen_at.get(m, now)} for m, s in self._speeds.items()
+            }
             self._saved_at = time.monotonic()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +106,12 @@ class LiveSpeeds:
     def _load(self, path: Path) -> None:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            self._speeds = {m: Speed(**s) for m, s in data.items()}
+            now = time.time()
+            for model, saved in data.items():
+                at = float(saved.pop("at", 0.0))
+                if now - at <= MAX_AGE_S:  # recent enough to plan with; the queue starts empty
+                    self._speeds[model] = Speed(**saved)._replace(wait_s=0.0)
+                    self._seen_at[model] = at
         except (OSError, ValueError, TypeError) as exc:
             log.warning("ignoring unreadable live speeds in %s: %s", path, exc)
 
