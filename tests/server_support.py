@@ -21,6 +21,9 @@ from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp
 
+from shoal.messages import ChatRequest
+from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
+
 
 @contextmanager
 def serving(app: ASGIApp) -> Iterator[str]:
@@ -150,3 +153,39 @@ def make_key(path: Path, name: str, *, budget: float | None = None, rpm: int | N
         return store.create(name, budget_usd=budget, rpm=rpm)[0]
     finally:
         store.close()
+
+
+# -- a served pipeline: a model shouts the text, then shouts each word ------------------------
+
+
+def shout(request: ChatRequest) -> str:
+    return request.messages[-1].content.upper()
+
+
+def split(loud: str) -> list[str]:
+    return loud.split()
+
+
+def join(each: list[str | None]) -> str:
+    return "-".join(word or "?" for word in each)
+
+
+def shout_pipeline() -> Pipeline:
+    return Pipeline(
+        "shout",
+        inputs=["text"],
+        output="joined",
+        steps=[
+            ModelStep("loud", model="shouter", prompt="{text}", inputs=("text",), max_tokens=16),
+            PythonStep("words", split, inputs=("loud",)),
+            ModelStep(
+                "each",
+                model="shouter",
+                prompt="{item}!",
+                inputs=("words",),
+                map_over="words",
+                max_tokens=4,
+            ),
+            PythonStep("joined", join, inputs=("each",)),
+        ],
+    )

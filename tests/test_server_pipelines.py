@@ -21,15 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from multidict import CIMultiDict
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from server_support import make_key, serving
+from server_support import make_key, serving, shout, shout_pipeline
 from starlette.applications import Starlette
 
 from shoal import FunctionModel, TokenPrice
 from shoal.engine import Engine
 from shoal.errors import UnknownPipelineError
 from shoal.ledger import to_pico
-from shoal.messages import ChatRequest
-from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
+from shoal.pipeline.graph import ModelStep, Pipeline
 from shoal.server import create_app
 from shoal.server.keys import KeyStore
 from shoal.server.openapi import openapi_spec
@@ -38,39 +37,6 @@ from shoal.settings import ServerSettings
 
 PRICE = TokenPrice(input_per_mtok=1.0, output_per_mtok=2.0)
 BUDGET = 0.01
-
-
-def _shout(request: ChatRequest) -> str:
-    return request.messages[-1].content.upper()
-
-
-def split(loud: str) -> list[str]:
-    return loud.split()
-
-
-def join(each: list[str | None]) -> str:
-    return "-".join(word or "?" for word in each)
-
-
-def shout_pipeline() -> Pipeline:
-    return Pipeline(
-        "shout",
-        inputs=["text"],
-        output="joined",
-        steps=[
-            ModelStep("loud", model="shouter", prompt="{text}", inputs=("text",), max_tokens=16),
-            PythonStep("words", split, inputs=("loud",)),
-            ModelStep(
-                "each",
-                model="shouter",
-                prompt="{item}!",
-                inputs=("words",),
-                map_over="words",
-                max_tokens=4,
-            ),
-            PythonStep("joined", join, inputs=("each",)),
-        ],
-    )
 
 
 def slow_pipeline() -> Pipeline:
@@ -86,7 +52,7 @@ def slow_pipeline() -> Pipeline:
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     traces = tmp_path_factory.mktemp("traces") / "traces.sqlite"
     engine = Engine(trace_path=traces)
-    engine.add_route("shouter", FunctionModel(_shout, model_id="shouter", price=PRICE))
+    engine.add_route("shouter", FunctionModel(shout, model_id="shouter", price=PRICE))
     engine.add_route(
         "sleeper", FunctionModel(lambda r: "late", model_id="sleeper", price=PRICE, delay_s=30)
     )

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from server_support import make_key, serving
+from server_support import make_key, serving, shout, shout_pipeline
 
 from shoal import FunctionModel, TokenPrice
 from shoal.cards import ModelCard
@@ -28,7 +28,6 @@ from shoal.fleet import Fleet
 from shoal.messages import ChatRequest, Estimate, RouteDecision
 from shoal.models.embedder import HashEmbedder
 from shoal.models.fake import FakeModel
-from shoal.pipeline.graph import ModelStep, Pipeline, PythonStep
 from shoal.routing.base import RoutedModel, Router, RouteStats
 from shoal.routing.config import calibrate_route
 from shoal.routing.outcomes import OutcomeTable, write_table
@@ -60,42 +59,9 @@ class ShortFirst(Router):
         )
 
 
-def _shout(request: ChatRequest) -> str:
-    return request.messages[-1].content.upper()
-
-
-def split(loud: str) -> list[str]:
-    return loud.split()
-
-
-def join(each: list[str | None]) -> str:
-    return "-".join(word or "?" for word in each)
-
-
-def shout_pipeline() -> Pipeline:
-    return Pipeline(
-        "shout",
-        inputs=["text"],
-        output="joined",
-        steps=[
-            ModelStep("loud", model="shouter", prompt="{text}", inputs=("text",), max_tokens=16),
-            PythonStep("words", split, inputs=("loud",)),
-            ModelStep(
-                "each",
-                model="shouter",
-                prompt="{item}!",
-                inputs=("words",),
-                map_over="words",
-                max_tokens=4,
-            ),
-            PythonStep("joined", join, inputs=("each",)),
-        ],
-    )
-
-
 def make_engine(traces: Path) -> Engine:
     engine = Engine(Fleet(), trace_path=traces)
-    engine.add_route("shouter", FunctionModel(_shout, model_id="shouter", price=CHEAP, delay_s=0.4))
+    engine.add_route("shouter", FunctionModel(shout, model_id="shouter", price=CHEAP, delay_s=0.4))
     cheap = FakeModel(["cheap answer"], model_id="cheap", price=CHEAP)
     dear = FakeModel(["dear answer"], model_id="dear", price=DEAR)
     route = RoutedModel("short-first", ShortFirst(), [cheap, dear])

@@ -90,6 +90,18 @@ def parse_request(body: bytes) -> tuple[ChatCompletionRequest, ChatRequest]:
     return wire, chat
 
 
+async def check_schema_held(chat: ChatRequest, hold: Hold, limit: int) -> None:
+    """`check_schema` on the request's schema, if it has one, off the event loop; a schema
+    refused gives back what `hold` reserved."""
+    if chat.json_schema is None:
+        return
+    try:
+        await asyncio.to_thread(check_schema, chat.json_schema, limit)
+    except BaseException:
+        hold.release()
+        raise
+
+
 def check_schema(schema: dict[str, Any], limit: int) -> None:
     """A JSON schema must be at most `limit` bytes of JSON, valid, and self-contained (no
     reference leaves the document). Checking a large schema takes seconds of CPU: the server
@@ -213,12 +225,7 @@ async def chat_completions(request: Request) -> Response:
         hold = await state.keys.reserve_async(key, plan.worst_usd)
     else:  # no keys: the call is still capped at its worst case and its charge measured
         hold = Account("unmetered").reserve(plan.worst_usd)
-    if chat.json_schema is not None:
-        try:
-            await asyncio.to_thread(check_schema, chat.json_schema, state.settings.max_schema_bytes)
-        except BaseException:
-            hold.release()
-            raise
+    await check_schema_held(chat, hold, state.settings.max_schema_bytes)
     call = Call(state, plan, hold)
     if wire.stream:
         return await _stream(request, call, wire)

@@ -4,7 +4,6 @@ progress over server-sent events, and a form that starts one)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import math
@@ -22,7 +21,7 @@ from shoal.pipeline.graph import Pipeline
 from shoal.server.errors import error_reply
 from shoal.server.http import EventStreamResponse, read_body, request_error
 from shoal.server.keys import KeyState
-from shoal.server.routes import check_schema
+from shoal.server.routes import check_schema_held
 from shoal.server.runbook import RunRequest
 from shoal.server.runs import launch
 from shoal.server.sessions import CSRF_HEADER, Session
@@ -163,12 +162,7 @@ async def answer(request: Request, session: Session, key: KeyState) -> Response:
     assert state.keys is not None
     state.keys.admit(key)
     hold = state.keys.reserve(key, plan.worst_usd)
-    if chat.json_schema is not None:
-        try:
-            await asyncio.to_thread(check_schema, chat.json_schema, state.settings.max_schema_bytes)
-        except BaseException:
-            hold.release()
-            raise
+    await check_schema_held(chat, hold, state.settings.max_schema_bytes)
     events = cast("AsyncGenerator[StreamEvent, None]", state.engine.stream(plan, hold=hold))
 
     async def ended() -> None:  # however the response ended, even before its body started
